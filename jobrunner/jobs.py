@@ -1,0 +1,130 @@
+"""Finding and loading job modules from the jobs folder.
+
+A job is ``<jobs folder>/<name>.py`` defining ``items(ctx, session)`` and
+``process(ctx, session, item)``; optional hooks are listed in ``HOOKS``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from jobrunner.exceptions import JobError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+REQUIRED = ("items", "process")
+# setup(ctx, session): once, before items(), in its own committed transaction
+# count(ctx, session) -> int: the number of items, for the progress bar
+# item_key(item) -> str: makes the job resumable (--resume)
+HOOKS = ("setup", "count", "item_key")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+    """What ``jobrunner list`` shows: read from the source, never imported."""
+
+    name: str
+    path: Path
+    summary: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    name: str
+    path: Path
+    module: ModuleType
+    items: Callable[..., Iterable[Any]]
+    process: Callable[..., None]
+    setup: Callable[..., None] | None = None
+    count: Callable[..., int] | None = None
+    item_key: Callable[[Any], str] | None = None
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise JobError(
+            f"invalid job name {name!r}: use letters, digits, '_' and '-', "
+            "not starting with '-'"
+        )
+    return name
+
+
+def discover(jobs_path: Path) -> list[JobInfo]:
+    """Every job module in the folder, by name. Modules starting with '_' are helpers."""
+    if not jobs_path.is_dir():
+        raise JobError(f"jobs folder {jobs_path} does not exist")
+    found = []
+    for path in sorted(jobs_path.glob("*.py")):
+        if path.stem.startswith("_") or not NAME_PATTERN.fullmatch(path.stem):
+            continue
+        found.append(JobInfo(path.stem, path, _summary(path)))
+    return found
+
+
+def _summary(path: Path) -> str:
+    # Parsing, not importing: listing jobs must not run their code (or pay
+    # for importing SQLAlchemy).
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError) as exc:
+        return f"(cannot be parsed: {exc.__class__.__name__} at line {getattr(exc, 'lineno', '?')})"
+    except OSError as exc:
+        return f"(cannot be read: {exc.strerror})"
+    doc = ast.get_docstring(tree) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def load(jobs_path: Path, name: str) -> Job:
+    check_name(name)
+    path = jobs_path / f"{name}.py"
+    if not path.is_file():
+        known = ", ".join(j.name for j in discover(jobs_path)) if jobs_path.is_dir() else ""
+        hint = f" (known jobs: {known})" if known else ""
+        raise JobError(f"unknown job {name!r}: no file {path}{hint}")
+
+    module_name = f"jobrunner_jobs.{name.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise JobError(f"job {name!r}: {path} cannot be loaded as a module")
+    module = importlib.util.module_from_spec(spec)
+    # Jobs may import helpers that sit beside them (jobs/_common.py).
+    folder = str(jobs_path.resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:  # any failure to import is the job's
+        sys.modules.pop(module_name, None)
+        raise JobError(f"job {name!r} failed to import: {_where(exc, path)}") from exc
+
+    missing = [attr for attr in REQUIRED if not callable(getattr(module, attr, None))]
+    if missing:
+        raise JobError(f"job {name!r} ({path}) does not define {' and '.join(missing)}()")
+    hooks = {}
+    for hook in HOOKS:
+        value = getattr(module, hook, None)
+        if value is not None and not callable(value):
+            raise JobError(f"job {name!r} ({path}): {hook} must be a function")
+        hooks[hook] = value
+    return Job(name, path, module, module.items, module.process, **hooks)
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """``file:line: ExcType: message``, pointing into the job's own file."""
+    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SyntaxError):
+        return f"{exc.filename or path}:{exc.lineno}: SyntaxError: {exc.msg}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if Path(frame.filename) == path:
+            return f"{path}:{frame.lineno}: {message}"
+    return f"{path}: {message}"

@@ -1,0 +1,114 @@
+"""The one record of a run: built by the runner, read by the reporter, --json,
+the history table and the metrics file."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime
+from typing import Any
+
+from jobrunner import exceptions
+
+MAX_FAILURES_LISTED = 100
+
+
+class Status(str, enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+    CRASHED = "crashed"
+    LOCK_LOST = "lock-lost"
+    LOCKED = "locked"
+
+    @property
+    def finished_ok(self) -> bool:
+        return self is Status.SUCCEEDED
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemFailure:
+    item: str  # repr() of the item: items may hold anything, the record holds text
+    error: str  # "ExceptionType: message"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"item": self.item, "error": self.error}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    job: str
+    status: Status
+    dry_run: bool = False
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    skipped: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_seconds: float = 0.0
+    workers: int = 0
+    failures: tuple[ItemFailure, ...] = ()
+    # {"table": {"insert": n, "update": n, "delete": n}}, dry runs only
+    changes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    error: str | None = None  # why the run ended early, when it did
+    signal: int | None = None  # the signal that interrupted it
+    holder: dict[str, Any] | None = None  # who holds the lock, for LOCKED
+    resumed_from: int | None = None
+    run_id: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {
+            Status.SUCCEEDED: exceptions.EX_OK,
+            Status.FAILED: exceptions.EX_FAILED,
+            Status.ABORTED: exceptions.EX_FAILED,
+            Status.LOCK_LOST: exceptions.EX_UNAVAILABLE,
+            Status.LOCKED: exceptions.EX_TEMPFAIL,
+            Status.INTERRUPTED: (
+                exceptions.EX_SIGINT if self.signal == 2 else exceptions.EX_SIGTERM
+            ),
+        }.get(self.status, exceptions.EX_SOFTWARE)
+
+    @property
+    def processed(self) -> int:
+        return self.succeeded + self.failed
+
+    @property
+    def rate(self) -> float:
+        return self.processed / self.duration_seconds if self.duration_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The --json summary."""
+        out: dict[str, Any] = {
+            "job": self.job,
+            "status": self.status.value,
+            "dry_run": self.dry_run,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "retried": self.retried,
+            "skipped": self.skipped,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "workers": self.workers,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "failures": [f.as_dict() for f in self.failures[:MAX_FAILURES_LISTED]],
+        }
+        if self.dry_run:
+            out["changes"] = self.changes
+        if self.holder is not None:
+            out["holder"] = {k: _iso(v) if isinstance(v, datetime) else v
+                             for k, v in self.holder.items()}
+        if self.run_id is not None:
+            out["run_id"] = self.run_id
+        if self.resumed_from is not None:
+            out["resumed_from"] = self.resumed_from
+        return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None

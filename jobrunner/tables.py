@@ -1,0 +1,81 @@
+"""jobrunner's own tables. Every name starts with ``jobrunner_`` so that a
+dry-run's change report can leave them out."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+PREFIX = "jobrunner_"
+# Serialises schema creation between first runs on PostgreSQL, where two
+# concurrent CREATE TABLE IF NOT EXISTS can both fail on pg_type.
+SCHEMA_LOCK_KEY = 0x6A6F6272756E6E  # "jobrunn"
+
+metadata = MetaData()
+
+# One row per job: the row the guard locks FOR UPDATE NOWAIT.
+locks = Table(
+    "jobrunner_locks",
+    metadata,
+    Column("job", String(200), primary_key=True),
+)
+
+# Who holds a job's lock. Written in its own committed transaction once the
+# lock is held: a loser cannot see the holder's uncommitted writes, and the
+# holder cannot update its own locked row from another transaction.
+lock_holders = Table(
+    "jobrunner_lock_holders",
+    metadata,
+    Column("job", String(200), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("since", DateTime, nullable=False),  # naive UTC
+    Column("run_id", Integer),
+)
+
+runs = Table(
+    "jobrunner_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(200), nullable=False, index=True),
+    Column("status", String(20), nullable=False),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    Column("started_at", DateTime, nullable=False),  # naive UTC
+    Column("finished_at", DateTime),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("workers", Integer, nullable=False),
+    Column("succeeded", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("retried", Integer, nullable=False, default=0),
+    Column("skipped", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("resumed_from", Integer),
+)
+
+# The keys of items that committed, for --resume. Written in the item's own
+# transaction, so the key and the item's changes commit or roll back together.
+item_keys = Table(
+    "jobrunner_item_keys",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("key", String(500), primary_key=True),
+)
+
+
+def ensure_schema(engine: Engine) -> None:
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+        metadata.create_all(conn, checkfirst=True)
