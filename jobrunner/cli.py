@@ -21,8 +21,7 @@ class JobrunnerGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         meta: dict[str, Any] = {}
         try:
-            code = super().main(args=args, prog_name=prog_name, standalone_mode=False,
-                                obj=meta, **extra)
+            code = super().main(args=args, prog_name=prog_name, standalone_mode=False, obj=meta, **extra)
         except click.UsageError as error:
             command = error.ctx.command_path if error.ctx else "jobrunner"
             _error(f"{error.format_message()} (see '{command} --help')", meta)
@@ -42,8 +41,10 @@ class JobrunnerGroup(click.Group):
         except Exception as error:  # noqa: BLE001 - a bug: one line unless --debug
             if meta.get("debug"):
                 traceback.print_exc()
-            _error(f"internal error: {type(error).__name__}: {error} (rerun with --debug "
-                   "for the traceback)", meta)
+            _error(
+                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+                meta,
+            )
             code = EX_SOFTWARE
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -62,15 +63,31 @@ def _remember_debug(ctx: click.Context, _param: click.Parameter, value: bool) ->
 def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--config, --database-url, --jobs-path and --debug, on every command."""
 
-    @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                  help="Config file (default: $JOBRUNNER_CONFIG, else ./jobrunner.toml if present).")
-    @click.option("--database-url", metavar="URL",
-                  help="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB "
-                       "(default: $JOBRUNNER_DATABASE_URL, else sqlite:///jobrunner.db).")
-    @click.option("--jobs-path", metavar="DIR",
-                  help="Folder holding the job modules (default: $JOBRUNNER_JOBS_PATH, else ./jobs).")
-    @click.option("--debug", is_flag=True, callback=_remember_debug, expose_value=True,
-                  is_eager=True, help="Show Python tracebacks and debug logging.")
+    @click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        help="Config file (default: $JOBRUNNER_CONFIG, else ./jobrunner.toml if present).",
+    )
+    @click.option(
+        "--database-url",
+        metavar="URL",
+        help="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB "
+        "(default: $JOBRUNNER_DATABASE_URL, else sqlite:///jobrunner.db).",
+    )
+    @click.option(
+        "--jobs-path",
+        metavar="DIR",
+        help="Folder holding the job modules (default: $JOBRUNNER_JOBS_PATH, else ./jobs).",
+    )
+    @click.option(
+        "--debug",
+        is_flag=True,
+        callback=_remember_debug,
+        expose_value=True,
+        is_eager=True,
+        help="Show Python tracebacks and debug logging.",
+    )
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return command(*args, **kwargs)
@@ -110,25 +127,79 @@ def cli() -> None:
 @cli.command("run")
 @click.argument("job")
 @common_options
-@click.option("-w", "--workers", type=click.IntRange(min=1), help="Worker threads, each with its own session (default 4).")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Passed to the job as ctx.params (repeatable).")
+@click.option(
+    "-w",
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker threads, each with its own session (default 4).",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Passed to the job as ctx.params (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Run everything, commit nothing, report what would change.")
-@click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout; human output goes to stderr.")
-@click.option("--no-lock", is_flag=True, default=None, help="Do not take the job's lock (for jobs safe to run concurrently).")
-@click.option("--wait-lock", type=click.FloatRange(min=0), metavar="SECONDS", help="Wait up to SECONDS for a running copy to finish (default 0).")
-@click.option("--heartbeat", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="How often the lock is checked (default 1).")
-@click.option("--retries", type=click.IntRange(min=0), help="Retries of transient database errors per item (default 3).")
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="Print one JSON summary on stdout; human output goes to stderr.",
+)
+@click.option(
+    "--no-lock",
+    is_flag=True,
+    default=None,
+    help="Do not take the job's lock (for jobs safe to run concurrently).",
+)
+@click.option(
+    "--wait-lock",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Wait up to SECONDS for a running copy to finish (default 0).",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="How often the lock is checked (default 1).",
+)
+@click.option(
+    "--retries", type=click.IntRange(min=0), help="Retries of transient database errors per item (default 3)."
+)
 @click.option("--max-failures", type=click.IntRange(min=0), help="Abort once more than N items have failed.")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), metavar="SECONDS", help="On SIGTERM/SIGINT, how long in-flight items may finish (default 30).")
-@click.option("--resume", is_flag=True, help="Skip the items an unfinished previous run committed (needs item_key).")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success (for cron); errors still go to stderr.")
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="On SIGTERM/SIGINT, how long in-flight items may finish (default 30).",
+)
+@click.option(
+    "--resume", is_flag=True, help="Skip the items an unfinished previous run committed (needs item_key)."
+)
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Print nothing on success (for cron); errors still go to stderr."
+)
 @click.option("-v", "--verbose", count=True, help="More detail (repeat for more).")
-@click.option("--log-file", type=click.Path(dir_okay=False), help="Append the log, with tracebacks, to this file.")
-@click.option("--metrics-file", metavar="PATH", help="Write Prometheus textfile metrics here ({job} is replaced by the job's name).")
-@click.option("--progress-interval", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Seconds between progress lines when not on a terminal (default 30).")
+@click.option(
+    "--log-file", type=click.Path(dir_okay=False), help="Append the log, with tracebacks, to this file."
+)
+@click.option(
+    "--metrics-file",
+    metavar="PATH",
+    help="Write Prometheus textfile metrics here ({job} is replaced by the job's name).",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Seconds between progress lines when not on a terminal (default 30).",
+)
 @click.pass_context
-def run_command(ctx: click.Context, job: str, params: tuple[str, ...], json_output: bool,
-                **flags: Any) -> int:
+def run_command(
+    ctx: click.Context, job: str, params: tuple[str, ...], json_output: bool, **flags: Any
+) -> int:
     """Run JOB (the module JOBS_PATH/JOB.py) over all its items."""
     from jobrunner import jobs, report, runner
 

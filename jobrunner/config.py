@@ -152,7 +152,7 @@ class Config:
         match = _PASSWORD_IN_URL.match(self.database_url)
         if match is None:
             return None
-        secret = self.database_url[match.end("head"):match.end() - 1]
+        secret = self.database_url[match.end("head") : match.end() - 1]
         return secret or None
 
     @property
@@ -209,9 +209,7 @@ def load(
     return Config(config_file=config_file, job=job, job_sections=sections, **values)
 
 
-def _find_config_file(
-    flag: str | None, environ: Mapping[str, str], cwd: Path
-) -> tuple[Path | None, bool]:
+def _find_config_file(flag: str | None, environ: Mapping[str, str], cwd: Path) -> tuple[Path | None, bool]:
     given = flag or environ.get(CONFIG_ENV) or None
     if given:
         path = Path(given).expanduser()
@@ -244,8 +242,7 @@ def _read_config_file(path: Path, explicit: bool) -> tuple[dict[str, Any], dict[
                 if not isinstance(section, dict):
                     raise ConfigError(f"{path}: [jobs.{name}] must be a table")
                 sections[name] = {
-                    k: _check_key(k, v, "job", f"{path}: [jobs.{name}] key {k!r}")
-                    for k, v in section.items()
+                    k: _check_key(k, v, "job", f"{path}: [jobs.{name}] key {k!r}") for k, v in section.items()
                 }
             continue
         top[key] = _check_key(key, value, "top", where)
@@ -289,9 +286,7 @@ def resolve_database_url(url: str, base: Path) -> str:
             "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB"
         )
     if dialect == "postgres":
-        raise ConfigError(
-            f"database URL {redact_url(url)!r}: write postgresql://, not postgres://"
-        )
+        raise ConfigError(f"database URL {redact_url(url)!r}: write postgresql://, not postgres://")
     if dialect != "sqlite":
         # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver we
         # ship (and test) is psycopg2.

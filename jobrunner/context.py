@@ -23,8 +23,6 @@ class JobContext:
     job: str
     dry_run: bool = False
     params: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    log: logging.Logger = dataclasses.field(
-        default_factory=lambda: logging.getLogger("jobrunner.job")
-    )
+    log: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("jobrunner.job"))
     stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
     run_id: int | None = None

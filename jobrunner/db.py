@@ -99,8 +99,9 @@ def open_database(config: Config, job: str, *, workers: int = 1) -> Database:
         if dialect == "sqlite":
             engine = _sqlite_engine(make_url(url).database or "", pool_size=pool_size)
         else:
-            engine = _postgres_engine(url, pool_size=pool_size, max_overflow=0,
-                                      application_name=f"jobrunner {job}")
+            engine = _postgres_engine(
+                url, pool_size=pool_size, max_overflow=0, application_name=f"jobrunner {job}"
+            )
     except (ImportError, exc.NoSuchModuleError) as error:
         raise ConfigError(f"database URL {redact_url(url)!r}: driver not available ({error})") from None
 
@@ -204,6 +205,8 @@ def sqlstate(error: BaseException) -> str | None:
 def is_sqlite_busy(error: BaseException) -> bool:
     orig = getattr(error, "orig", None)
     name = getattr(orig, "sqlite_errorname", "")
-    return name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED") or (
-        "database is locked" in str(orig)
+    return (
+        name.startswith("SQLITE_BUSY")
+        or name.startswith("SQLITE_LOCKED")
+        or ("database is locked" in str(orig))
     )

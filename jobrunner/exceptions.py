@@ -66,4 +66,3 @@ def describe_holder(holder: dict) -> str:
     since = holder.get("since")
     when = f" since {since:%Y-%m-%d %H:%M:%S}" if since is not None else ""
     return f" (pid {holder['pid']} on {holder.get('host', '?')}{when})"
-

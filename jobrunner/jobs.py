@@ -50,10 +50,7 @@ class Job:
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
-        raise JobError(
-            f"invalid job name {name!r}: use letters, digits, '_' and '-', "
-            "not starting with '-'"
-        )
+        raise JobError(f"invalid job name {name!r}: use letters, digits, '_' and '-', not starting with '-'")
     return name
 
 

@@ -90,9 +90,7 @@ class Guard:
 
     # -- the owner thread's side -------------------------------------------
     def __enter__(self) -> Guard:
-        self._thread = threading.Thread(
-            target=self._own, name=f"jobrunner-guard-{self.job}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._own, name=f"jobrunner-guard-{self.job}", daemon=True)
         self._thread.start()
         self._acquired.wait()
         if self._error is not None:
@@ -168,9 +166,7 @@ class Guard:
             if self.mode == "advisory":
                 return bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(self.job)))))
             session.execute(
-                select(tables.locks.c.job)
-                .where(tables.locks.c.job == self.job)
-                .with_for_update(nowait=True)
+                select(tables.locks.c.job).where(tables.locks.c.job == self.job).with_for_update(nowait=True)
             ).one()
             return True
         except exc.OperationalError as error:
@@ -189,7 +185,9 @@ class Guard:
         try:
             current = session.scalar(text("SELECT 1") if backend is None else select(func.pg_backend_pid()))
         except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
-            self._mark_lost(f"the lock's database connection failed: {dbmod.describe_error(error, self.database.url)}")
+            self._mark_lost(
+                f"the lock's database connection failed: {dbmod.describe_error(error, self.database.url)}"
+            )
             return False
         if backend is not None and current != backend:
             self._mark_lost("the lock's database connection was replaced")
@@ -220,9 +218,11 @@ def read_holder(database: dbmod.Database, job: str) -> dict[str, Any]:
     """Who last took the job's lock: host, pid, since (local time)."""
     try:
         with database.session(read_only=True) as session:
-            row = session.execute(
-                select(tables.lock_holders).where(tables.lock_holders.c.job == job)
-            ).mappings().first()
+            row = (
+                session.execute(select(tables.lock_holders).where(tables.lock_holders.c.job == job))
+                .mappings()
+                .first()
+            )
     except exc.DBAPIError:
         return {}
     if row is None:

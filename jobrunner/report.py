@@ -102,10 +102,12 @@ def setup_logging(config: Config, *, secret: str | None = None) -> None:
             raise ConfigError(f"--log-file {config.log_file}: {error.strerror}") from None
         handler.setLevel(logging.DEBUG if config.debug else logging.INFO)
         handler.addFilter(redact)
-        handler.setFormatter(_OneLine(
-            "%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s",
-            tracebacks=True,
-        ))
+        handler.setFormatter(
+            _OneLine(
+                "%(asctime)s %(process)d %(threadName)s %(levelname)s %(name)s: %(message)s",
+                tracebacks=True,
+            )
+        )
         root.addHandler(handler)
 
 
@@ -162,8 +164,9 @@ class Reporter:
         self._line(out, summary_line(result))
         if result.dry_run:
             for table, counts in result.changes.items():
-                self._line(out, f"  would change {table}: " + ", ".join(
-                    f"{n} {kind}" for kind, n in counts.items()))
+                self._line(
+                    out, f"  would change {table}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+                )
             if not result.changes:
                 self._line(out, "  would change no rows")
 
@@ -177,8 +180,11 @@ class PlainReporter(Reporter):
             return
         of = f" of {total}" if total is not None else ""
         mode = " (dry run)" if self.config.dry_run else ""
-        self._line(self.human, f"{job}: started{mode}, {self.config.workers} workers, "
-                   f"{'items' + of if of else 'counting items as they come'}")
+        self._line(
+            self.human,
+            f"{job}: started{mode}, {self.config.workers} workers, "
+            f"{'items' + of if of else 'counting items as they come'}",
+        )
         thread = threading.Thread(target=self._tick, name="jobrunner-progress", daemon=True)
         thread.start()
 
@@ -187,8 +193,11 @@ class PlainReporter(Reporter):
             snap = self._progress.snapshot()
             elapsed = time.monotonic() - self._t0
             total = f"/{snap['total']}" if snap["total"] is not None else ""
-            self._line(self.human, f"{self.config.job}: {snap['done']}{total} done, "
-                       f"{snap['failed']} failed, {snap['done'] / elapsed if elapsed else 0:.1f} items/s")
+            self._line(
+                self.human,
+                f"{self.config.job}: {snap['done']}{total} done, "
+                f"{snap['failed']} failed, {snap['done'] / elapsed if elapsed else 0:.1f} items/s",
+            )
 
     def _stop_progress(self) -> None:
         done = getattr(self, "_done", None)
@@ -244,8 +253,9 @@ class TerminalReporter(Reporter):
     def _refresh(self) -> None:
         snap = self._source.snapshot()
         elapsed = max(time.monotonic() - self._t0, 1e-9)
-        self._bar.update(self._task, completed=snap["done"], rate=snap["done"] / elapsed,
-                         failed=snap["failed"])
+        self._bar.update(
+            self._task, completed=snap["done"], rate=snap["done"] / elapsed, failed=snap["failed"]
+        )
 
     def _stop_progress(self) -> None:
         if self._bar is not None:
@@ -283,8 +293,9 @@ class TerminalReporter(Reporter):
                 changes.add_row(name, *(str(counts[k]) for k in ("insert", "update", "delete")))
             console.print(changes if result.changes else "would change no rows")
         for failure in result.failures[:10]:
-            console.print(f"failed {failure.item}: {failure.error}", style="red",
-                          markup=False, highlight=False)
+            console.print(
+                f"failed {failure.item}: {failure.error}", style="red", markup=False, highlight=False
+            )
         if result.failed > 10:
             console.print(f"... and {result.failed - 10} more failures (see --json or the log)")
 
@@ -321,11 +332,15 @@ def print_status(rows: list[dict[str, Any]], *, json_output: bool = False) -> No
     from jobrunner.exceptions import describe_holder
 
     if json_output:
+
         def clean(holder: dict | None) -> dict | None:
             if holder is None:
                 return None
-            return {k: v.isoformat(timespec="seconds") if isinstance(v, datetime) else v
-                    for k, v in holder.items()}
+            return {
+                k: v.isoformat(timespec="seconds") if isinstance(v, datetime) else v
+                for k, v in holder.items()
+            }
+
         print(json.dumps([{**row, "holder": clean(row["holder"])} for row in rows]))
         return
     if not rows:

@@ -13,7 +13,7 @@ from jobrunner import exceptions
 MAX_FAILURES_LISTED = 100
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -67,9 +67,7 @@ class RunResult:
             Status.ABORTED: exceptions.EX_FAILED,
             Status.LOCK_LOST: exceptions.EX_UNAVAILABLE,
             Status.LOCKED: exceptions.EX_TEMPFAIL,
-            Status.INTERRUPTED: (
-                exceptions.EX_SIGINT if self.signal == 2 else exceptions.EX_SIGTERM
-            ),
+            Status.INTERRUPTED: (exceptions.EX_SIGINT if self.signal == 2 else exceptions.EX_SIGTERM),
         }.get(self.status, exceptions.EX_SOFTWARE)
 
     @property
@@ -101,8 +99,7 @@ class RunResult:
         if self.dry_run:
             out["changes"] = self.changes
         if self.holder is not None:
-            out["holder"] = {k: _iso(v) if isinstance(v, datetime) else v
-                             for k, v in self.holder.items()}
+            out["holder"] = {k: _iso(v) if isinstance(v, datetime) else v for k, v in self.holder.items()}
         if self.run_id is not None:
             out["run_id"] = self.run_id
         if self.resumed_from is not None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import event, exc, insert
+from sqlalchemy import event, exc
 from sqlalchemy.orm import Session
 
 from jobrunner import db as dbmod
@@ -102,9 +102,7 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError("no job given")
     job = jobs.load(config.jobs_path, config.job)
     if config.resume and job.item_key is None:
-        raise JobError(
-            f"--resume: job {job.name!r} defines no item_key(item), so it cannot be resumed"
-        )
+        raise JobError(f"--resume: job {job.name!r} defines no item_key(item), so it cannot be resumed")
     database = dbmod.open_database(config, job.name, workers=config.workers)
     try:
         active = _Run(config, job, database, reporter or _NullReporter())
@@ -377,8 +375,9 @@ class ChangeCounter:
         self._counts: dict[str, dict[str, int]] = {}
         event.listen(engine, "after_cursor_execute", self._after_execute)
 
-    def _after_execute(self, conn: Any, cursor: Any, statement: str, parameters: Any,
-                       context: Any, executemany: bool) -> None:
+    def _after_execute(
+        self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         kind, table = self._classify(statement, context)
         if kind is None or table is None or table.startswith(tables.PREFIX):
             return
@@ -430,7 +429,7 @@ def _chain(error: BaseException | None) -> Iterator[BaseException]:
 def _rollback(session: Session) -> None:
     try:
         session.rollback()
-    except Exception:  # noqa: BLE001 - a dead connection; the pool replaces it
+    except Exception:
         log.debug("rollback failed", exc_info=True)
 
 

@@ -19,7 +19,7 @@ import statistics
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import ForeignKey, Numeric, String, func, inspect, select
+from sqlalchemy import ForeignKey, Numeric, String, func, insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SEED_PRODUCTS = 2_000
@@ -62,16 +62,21 @@ def setup(ctx, session):
         return
     rng = random.Random(42)
     now = datetime.now(UTC).replace(tzinfo=None)
+    products, observations = [], []
     for product_id in range(1, SEED_PRODUCTS + 1):
         base = Decimal(rng.randrange(100, 100_000)) / 100
-        session.add(Product(id=product_id, sku=f"SKU-{product_id:06d}", price=base))
+        products.append({"id": product_id, "sku": f"SKU-{product_id:06d}", "price": base})
         for n in range(OBSERVATIONS_PER_PRODUCT):
             drift = Decimal(rng.randrange(-1500, 1500)) / 10000  # +-15%
-            session.add(PriceObservation(
-                product_id=product_id,
-                price=(base * (1 + drift)).quantize(Decimal("0.01")),
-                observed_at=now - timedelta(hours=n),
-            ))
+            observations.append(
+                {
+                    "product_id": product_id,
+                    "price": (base * (1 + drift)).quantize(Decimal("0.01")),
+                    "observed_at": now - timedelta(hours=n),
+                }
+            )
+    session.execute(insert(Product), products)
+    session.execute(insert(PriceObservation), observations)
     ctx.log.info("seeded %d demo products", SEED_PRODUCTS)
 
 
@@ -108,8 +113,7 @@ def process(ctx, session, product_id):
     if target == product.price:
         return
     now = datetime.now(UTC).replace(tzinfo=None)
-    session.add(PriceChange(product_id=product_id, old_price=product.price,
-                            new_price=target, changed_at=now))
+    session.add(PriceChange(product_id=product_id, old_price=product.price, new_price=target, changed_at=now))
     product.price = target
     product.repriced_at = now
 

@@ -1,0 +1,170 @@
+"""Fixtures: real SQLite files, a real PostgreSQL server, the CLI as a subprocess.
+
+The PostgreSQL tests use JOBRUNNER_TEST_DATABASE_URL (an admin URL) when set;
+otherwise the suite starts its own server. With CI=true a missing server is a
+failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pgserver import PostgresServer, find_bindir
+
+TEMPLATE = "jobrunner_template"
+_counter = itertools.count()
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    given = os.environ.get("JOBRUNNER_TEST_DATABASE_URL")
+    server = None
+    if given:
+        url = given
+    else:
+        bindir = find_bindir()
+        if bindir is None:
+            message = "no PostgreSQL server binaries (pg_config --bindir) on this machine"
+            if _ci():
+                pytest.fail(message)
+            pytest.skip(message)
+        server = PostgresServer(bindir)
+        try:
+            server.start()
+        except (subprocess.CalledProcessError, OSError) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            message = f"cannot start PostgreSQL: {error} {detail.decode(errors='replace')}"
+            if _ci():
+                pytest.fail(message)
+            pytest.skip(message)
+        url = server.admin_url
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {TEMPLATE}"))
+        conn.execute(text(f"CREATE DATABASE {TEMPLATE}"))
+    engine.dispose()
+    yield url
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database cloned from the (empty) template: fast to create."""
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Every contract test runs on both databases."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def jobs_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def write_job(jobs_dir: Path):
+    def write(name: str, source: str) -> Path:
+        path = jobs_dir / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    return write
+
+
+def jobrunner_exe() -> list[str]:
+    script = Path(sys.executable).parent / "jobrunner"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("jobrunner")
+    return [found] if found else [sys.executable, "-m", "jobrunner"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def cli(tmp_path: Path, jobs_dir: Path):
+    """Run ``jobrunner ARGS`` as a user would: a subprocess, in tmp_path."""
+
+    def run(
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*jobrunner_exe(), *args],
+            cwd=cwd or tmp_path,
+            env=clean_env(**(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+
+    return run
+
+
+@pytest.fixture
+def spawn(tmp_path: Path):
+    """Start ``jobrunner ARGS`` in the background; every process is reaped."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*jobrunner_exe(), *args],
+            cwd=tmp_path,
+            env=clean_env(**(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
