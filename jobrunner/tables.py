@@ -13,9 +13,12 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.engine import Engine
+
+from jobrunner.db import BEGIN_OPTION
 
 PREFIX = "jobrunner_"
 # Serialises schema creation between first runs on PostgreSQL, where two
@@ -75,6 +78,13 @@ item_keys = Table(
 
 
 def ensure_schema(engine: Engine) -> None:
+    # Look before taking a write lock: on SQLite a writing transaction queues
+    # behind a running job's workers, and a second copy must fail fast.
+    reader = engine.execution_options(**{BEGIN_OPTION: "DEFERRED"})
+    with reader.connect() as conn:
+        existing = set(inspect(conn).get_table_names())
+    if existing.issuperset(metadata.tables):
+        return
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))

@@ -90,3 +90,32 @@ def process(ctx, session, item):
         n = session.execute(text("SELECT n FROM counter WHERE id = 1")).scalar()
     session.execute(text("UPDATE counter SET n = :n WHERE id = 1"), {"n": n + 1})
 '''
+
+# Measures how many workers hold a database connection at once.
+CONCURRENCY = '''
+"""Hold a connection while sleeping; record the peak of concurrent holders."""
+import threading
+from sqlalchemy import text
+
+lock = threading.Lock()
+active = 0
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS conc (item INTEGER, active INTEGER)"))
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 64)))
+
+def process(ctx, session, item):
+    global active
+    session.connection()  # checks a connection out of the pool
+    with lock:
+        active += 1
+        seen = active
+    try:
+        session.execute(text("SELECT pg_sleep(0.5)"))
+        session.execute(text("INSERT INTO conc VALUES (:i, :a)"), {"i": item, "a": seen})
+    finally:
+        with lock:
+            active -= 1
+'''

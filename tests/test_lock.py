@@ -1,0 +1,241 @@
+"""The singleton guard, with real processes on real databases."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+
+import pytest
+from jobkit import CONCURRENCY, RECORD, TWO_ROWS
+from sqlalchemy import create_engine, text
+from test_run import query
+
+
+def wait_for_rows(url: str, table: str, minimum: int = 1, timeout: float = 30) -> None:
+    engine = create_engine(url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                with engine.connect() as conn:
+                    if conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() >= minimum:
+                        return
+            except Exception:
+                pass
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"no rows in {table} after {timeout}s")
+
+
+def finish(proc, timeout: float = 120):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def intervals(url: str) -> dict[int, tuple[float, float]]:
+    spans: dict[int, tuple[float, float]] = {}
+    for pid, t0, t1 in query(url, "SELECT pid, min(t0), max(t1) FROM pairs GROUP BY pid"):
+        spans[pid] = (t0, t1)
+    return spans
+
+
+def assert_whole_items(url: str) -> None:
+    broken = query(url, "SELECT pid, item, count(*) FROM pairs GROUP BY pid, item HAVING count(*) <> 2")
+    assert broken == [], f"half-committed items: {broken}"
+
+
+def test_second_copy_exits_75_at_once_and_first_finishes(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=16", "--param", "sleep=0.2")
+    wait_for_rows(db_url, "pairs")
+    t0 = time.monotonic()
+    loser = spawn("run", "two_rows", "--database-url", db_url, "--json")
+    code, out, err = finish(loser)
+    elapsed = time.monotonic() - t0
+    assert code == 75, err
+    assert elapsed < 1.0, f"the loser took {elapsed:.2f}s"
+    line = err.strip()
+    assert len(line.splitlines()) == 1
+    assert line.startswith(f"two_rows is already running (pid {holder.pid} on ")
+    summary = json.loads(out)
+    assert summary["status"] == "locked" and summary["job"] == "two_rows"
+    assert summary["holder"]["pid"] == holder.pid
+    code, _, err = finish(holder)
+    assert code == 0, err
+    assert_whole_items(db_url)
+
+
+def test_status_shows_the_holder(cli, spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    write_job("record", RECORD)
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=60", "--param", "sleep=0.2")
+    wait_for_rows(db_url, "pairs")
+    out = cli("status", "--database-url", db_url, "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["job"]: row for row in json.loads(out.stdout)}
+    assert rows["two_rows"]["running"] is True and rows["two_rows"]["holder"]["pid"] == holder.pid
+    assert rows["record"]["running"] is False
+    human = cli("status", "--database-url", db_url).stdout
+    assert f"two_rows  running (pid {holder.pid} on " in human
+    assert finish(holder)[0] == 0
+    assert "two_rows  idle" in cli("status", "--database-url", db_url).stdout
+
+
+@pytest.mark.slow
+def test_twelve_simultaneous_starters_never_overlap(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    codes = []
+    for _ in range(3):
+        procs = [
+            spawn("run", "two_rows", "--database-url", db_url, "--param", "n=6", "--param", "sleep=0.05")
+            for _ in range(12)
+        ]
+        round_codes = [finish(p)[0] for p in procs]
+        assert set(round_codes) <= {0, 75}, round_codes
+        assert 0 in round_codes
+        codes += round_codes
+    spans = sorted(intervals(db_url).values())
+    assert len(spans) == codes.count(0)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, f"two runs overlapped: {spans}"
+    assert_whole_items(db_url)
+
+
+def test_sigkilled_holder_frees_the_lock_and_leaves_no_half_item(spawn, cli, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=100", "--param", "sleep=0.1")
+    wait_for_rows(db_url, "pairs", minimum=4)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    t0 = time.monotonic()
+    out = cli("run", "two_rows", "--database-url", db_url, "--param", "n=4", "--param", "sleep=0", "--json")
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - t0 < 5
+    assert_whole_items(db_url)
+
+
+@pytest.mark.postgres
+def test_terminated_guard_backend_stops_the_run_with_69(spawn, write_job, pg_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn(
+        "run", "two_rows", "--database-url", pg_url, "--param", "n=400", "--param", "sleep=0.1", "--json"
+    )
+    wait_for_rows(pg_url, "pairs", minimum=8)
+    database = pg_url.rsplit("/", 1)[1]
+    killed_at = time.time()
+    terminated = query(
+        pg_url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = 'jobrunner two_rows lock' AND datname = '{database}'",
+    )
+    assert terminated == [(True,)]
+    code, out, err = finish(holder, timeout=30)
+    exited_at = time.time()
+    assert code == 69, err
+    assert exited_at - killed_at < 5
+    summary = json.loads(out)
+    assert summary["status"] == "lock-lost" and "lock lost" in summary["error"]
+    assert "lock lost" in err
+    [(last_commit,)] = query(pg_url, "SELECT max(t1) FROM pairs WHERE part = 2")
+    assert last_commit - killed_at < 2.0
+    assert_whole_items(pg_url)
+
+
+@pytest.mark.postgres
+def test_application_names_tell_workers_from_the_guard(spawn, write_job, pg_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=20", "--param", "sleep=0.2")
+    wait_for_rows(pg_url, "pairs")
+    database = pg_url.rsplit("/", 1)[1]
+    names = {
+        name
+        for (name,) in query(
+            pg_url, f"SELECT application_name FROM pg_stat_activity WHERE datname = '{database}'"
+        )
+    }
+    assert {"jobrunner two_rows", "jobrunner two_rows lock"} <= names
+    assert finish(holder)[0] == 0
+
+
+def test_wait_lock_runs_after_the_holder(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=8", "--param", "sleep=0.2")
+    wait_for_rows(db_url, "pairs")
+    waiter = spawn(
+        "run",
+        "two_rows",
+        "--database-url",
+        db_url,
+        "--param",
+        "n=4",
+        "--param",
+        "sleep=0",
+        "--wait-lock",
+        "60",
+    )
+    assert finish(holder)[0] == 0
+    code, _, err = finish(waiter)
+    assert code == 0, err
+    spans = intervals(db_url)
+    assert spans[waiter.pid][0] >= spans[holder.pid][1]
+
+
+def test_wait_lock_gives_up_with_75(spawn, cli, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.2")
+    wait_for_rows(db_url, "pairs")
+    t0 = time.monotonic()
+    out = cli("run", "two_rows", "--database-url", db_url, "--wait-lock", "1")
+    assert out.returncode == 75 and "already running" in out.stderr
+    assert 1.0 <= time.monotonic() - t0
+    holder.kill()
+
+
+def test_different_jobs_run_side_by_side(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    write_job("two_rows_b", TWO_ROWS)
+    first = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.1")
+    wait_for_rows(db_url, "pairs")
+    second = spawn("run", "two_rows_b", "--database-url", db_url, "--param", "n=8", "--param", "sleep=0.1")
+    assert finish(first)[0] == 0
+    assert finish(second)[0] == 0
+    spans = intervals(db_url)
+    assert spans[second.pid][0] < spans[first.pid][1], "the two jobs did not overlap"
+
+
+def test_no_lock_lets_copies_run_concurrently(spawn, write_job, db_url, tmp_path):
+    write_job("two_rows", TWO_ROWS)
+    (tmp_path / "jobrunner.toml").write_text("[jobs.two_rows]\nno_lock = true\n")
+    first = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=8", "--param", "sleep=0.1")
+    wait_for_rows(db_url, "pairs")
+    second = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=8", "--param", "sleep=0.1")
+    assert finish(first)[0] == 0
+    assert finish(second)[0] == 0
+
+
+@pytest.mark.postgres
+def test_advisory_lock_mode_excludes_too(spawn, write_job, pg_url, tmp_path):
+    write_job("two_rows", TWO_ROWS)
+    (tmp_path / "jobrunner.toml").write_text('[jobs.two_rows]\nlock = "advisory"\n')
+    holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=12", "--param", "sleep=0.2")
+    wait_for_rows(pg_url, "pairs")
+    loser = spawn("run", "two_rows", "--database-url", pg_url)
+    code, _, err = finish(loser)
+    assert code == 75 and f"pid {holder.pid}" in err
+    [(xid,)] = query(
+        pg_url,
+        "SELECT backend_xid::text FROM pg_stat_activity WHERE application_name = 'jobrunner two_rows lock'",
+    )
+    assert xid is None, "the advisory guard should hold no transaction id"
+    assert finish(holder)[0] == 0
+
+
+@pytest.mark.postgres
+def test_32_workers_never_wait_on_the_pool(cli, write_job, pg_url):
+    write_job("conc", CONCURRENCY)
+    out = cli("run", "conc", "--database-url", pg_url, "--workers", "32", "--param", "n=64")
+    assert out.returncode == 0, out.stderr
+    assert query(pg_url, "SELECT max(active) FROM conc") == [(32,)]
