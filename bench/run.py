@@ -1,0 +1,634 @@
+"""Run every benchmark and write BENCHMARKS.md (and bench/throughput.png).
+
+    pip install -e '.[bench]' && python bench/run.py            # SQLite + a PostgreSQL it starts
+    python bench/run.py --database-url postgresql+psycopg2://u@h/db   # an existing server
+    python bench/run.py --quick                                   # fewer runs and items: a smoke test
+
+Each timing is the median of --runs runs (5 by default); contenders in a
+comparison are measured in the same run, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+JOBS = str(HERE / "jobs")
+
+
+def jobrunner_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "jobrunner"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "jobrunner"]
+
+
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env(), **kw)
+    elapsed = time.perf_counter() - t0
+    if out.returncode not in (0, 75):
+        raise RuntimeError(f"{cmd} exited {out.returncode}: {out.stderr[-2000:]}")
+    return elapsed, out
+
+
+def reset_rows(url: str, count: int) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS bench_rows"))
+        conn.execute(text("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+        conn.execute(
+            text("INSERT INTO bench_rows (id, n) VALUES (:id, 0)"), [{"id": i} for i in range(1, count + 1)]
+        )
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE bench_rows"))
+    engine.dispose()
+
+
+def vacuum(url: str) -> None:
+    if url.startswith("postgresql"):
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text("VACUUM bench_rows"))
+        engine.dispose()
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# -- 1 and 2: overhead against the hand-written script and the raw driver -------------
+def bench_overhead(
+    name: str, url: str, runs: int, items: int, workers_list: list[int], raw: bool
+) -> list[dict]:
+    reset_rows(url, items)
+    rows = []
+    for workers in workers_list:
+        times: dict[str, list[float]] = {"jobrunner": [], "hand-written": [], "psycopg2": []}
+        contenders = {
+            "jobrunner": [
+                *jobrunner_cmd(),
+                "run",
+                "bench_update",
+                "--jobs-path",
+                JOBS,
+                "--database-url",
+                url,
+                "--workers",
+                str(workers),
+                "--param",
+                f"n={items}",
+                "-q",
+            ],
+            "hand-written": [
+                sys.executable,
+                str(HERE / "handwritten.py"),
+                "--url",
+                url,
+                "--workers",
+                str(workers),
+                "--items",
+                str(items),
+            ],
+        }
+        if raw:
+            contenders["psycopg2"] = [
+                sys.executable,
+                str(HERE / "rawdriver.py"),
+                "--url",
+                url,
+                "--workers",
+                str(workers),
+                "--items",
+                str(items),
+            ]
+        for _ in range(runs):
+            for label, cmd in contenders.items():  # alternating, side by side
+                vacuum(url)
+                times[label].append(timed(cmd)[0])
+        row = {
+            "db": name,
+            "workers": workers,
+            "jobrunner": med(times["jobrunner"]),
+            "hand-written": med(times["hand-written"]),
+        }
+        row["ratio"] = row["jobrunner"] / row["hand-written"]
+        if raw:
+            row["psycopg2"] = med(times["psycopg2"])
+            row["ratio_raw"] = row["jobrunner"] / row["psycopg2"]
+        print(f"  overhead {name} w={workers}: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def profile_one_worker(url: str, items: int) -> str:
+    """cProfile of the worker thread of an in-process run, one worker."""
+    import threading
+
+    from jobrunner import config as configmod
+    from jobrunner import runner
+
+    reset_rows(url, items)
+    profiler = cProfile.Profile()
+
+    def hook(*_args):  # runs first in each new thread
+        if threading.current_thread().name.startswith("jobrunner-bench_update"):
+            profiler.enable()  # replaces this hook with cProfile's, in this thread only
+        else:
+            sys.setprofile(None)
+
+    threading.setprofile(hook)
+    try:
+        config = configmod.load(
+            {"database_url": url, "jobs_path": JOBS, "workers": 1, "params": {"n": str(items)}},
+            job="bench_update",
+        )
+        runner.run(config)
+    finally:
+        threading.setprofile(None)
+        profiler.disable()
+    buffer = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buffer).sort_stats("tottime")
+    stats.print_stats(12)
+    return buffer.getvalue()
+
+
+# -- 3: scaling with I/O-bound items ---------------------------------------------------
+def bench_scaling(name: str, url: str, runs: int, per_worker: int, workers_list: list[int]) -> list[dict]:
+    rows = []
+    for workers in workers_list:
+        count = per_worker * workers
+        reset_rows(url, count)
+        rates = []
+        for _ in range(runs):
+            _, out = timed(
+                [
+                    *jobrunner_cmd(),
+                    "run",
+                    "bench_update",
+                    "--jobs-path",
+                    JOBS,
+                    "--database-url",
+                    url,
+                    "--workers",
+                    str(workers),
+                    "--param",
+                    f"n={count}",
+                    "--param",
+                    "sleep=0.01",
+                    "--json",
+                ]
+            )
+            summary = json.loads(out.stdout)
+            rates.append(summary["succeeded"] / summary["duration_seconds"])
+        rows.append({"db": name, "workers": workers, "items_per_s": med(rates)})
+        print(f"  scaling {name} w={workers}: {rows[-1]}", flush=True)
+    base = rows[0]["items_per_s"]
+    for row in rows:
+        row["speedup"] = row["items_per_s"] / base
+    return rows
+
+
+# -- 4: memory -----------------------------------------------------------------------------
+def bench_memory(name: str, url: str, sizes: list[int]) -> list[dict]:
+    rows = []
+    for n in sizes:
+        probe = (
+            "import resource, subprocess, sys\n"
+            "r = subprocess.run(sys.argv[1:], capture_output=True)\n"
+            "assert r.returncode == 0, r.stderr\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        )
+        cmd = [
+            sys.executable,
+            "-c",
+            probe,
+            *jobrunner_cmd(),
+            "run",
+            "bench_noop",
+            "--jobs-path",
+            JOBS,
+            "--database-url",
+            url,
+            "--param",
+            f"n={n}",
+            "-q",
+        ]
+        elapsed, out = timed(cmd)
+        rows.append(
+            {"db": name, "items": n, "peak_rss_mb": int(out.stdout.strip()) / 1024, "seconds": elapsed}
+        )
+        print(f"  memory {name}: {rows[-1]}", flush=True)
+    return rows
+
+
+# -- 5: the lock ------------------------------------------------------------------------------
+def bench_lock(name: str, url: str, runs: int) -> dict:
+    loser_times, takeover_times = [], []
+    base = [*jobrunner_cmd(), "run", "bench_slow", "--jobs-path", JOBS, "--database-url", url]
+    engine = create_engine(url)
+    for _ in range(runs):
+        holder = subprocess.Popen([*base, "--param", "n=100000", "-q"], env=env())
+        _wait_marks(engine, holder.pid)
+        loser_times.append(timed([*base, "-q"])[0])
+        waiter = subprocess.Popen([*base, "--param", "n=5", "--wait-lock", "60", "-q"], env=env())
+        time.sleep(1.0)  # the waiter is polling for the lock
+        killed = time.time()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        first = _wait_marks(engine, waiter.pid)
+        takeover_times.append(first - killed)
+        waiter.wait(timeout=60)
+    engine.dispose()
+    row = {"db": name, "loser_exit_s": med(loser_times), "takeover_s": med(takeover_times)}
+    print(f"  lock {name}: {row}", flush=True)
+    return row
+
+
+def _wait_marks(engine, pid: int, timeout: float = 60) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with engine.connect() as conn:
+                first = conn.execute(
+                    text("SELECT min(at) FROM bench_marks WHERE pid = :p"), {"p": pid}
+                ).scalar()
+            if first is not None:
+                return first
+        except Exception:  # noqa: BLE001 - table not created yet
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"process {pid} never processed an item")
+
+
+# -- 6: start-up --------------------------------------------------------------------------------
+def bench_startup(runs: int, url: str) -> list[dict]:
+    rows = []
+    for label, args in (
+        ("jobrunner --help", ["--help"]),
+        ("jobrunner list", ["list", "--jobs-path", JOBS, "--database-url", url]),
+    ):
+        times = [timed([*jobrunner_cmd(), *args])[0] for _ in range(runs)]
+        rows.append({"command": label, "median_ms": med(times) * 1000})
+    baseline = [timed([sys.executable, "-c", "pass"])[0] for _ in range(runs)]
+    rows.append({"command": "python -c pass (interpreter alone)", "median_ms": med(baseline) * 1000})
+    print(f"  startup: {rows}", flush=True)
+    return rows
+
+
+# -- VACUUM cost of the row lock vs the advisory lock ----------------------------------------------
+def bench_vacuum(url: str) -> list[dict]:
+    rows = []
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    for mode in ("row", "advisory"):
+        reset_rows(url, 1000)
+        folder = Path(tempfile.mkdtemp())
+        (folder / "jobrunner.toml").write_text(f'[jobs.bench_slow]\nlock = "{mode}"\n')
+        holder = subprocess.Popen(
+            [
+                *jobrunner_cmd(),
+                "run",
+                "bench_slow",
+                "--jobs-path",
+                JOBS,
+                "--database-url",
+                url,
+                "--param",
+                "n=100000",
+                "--param",
+                "touch_db=0",
+                "-q",
+            ],
+            cwd=folder,
+            env=env(),
+        )
+        _wait_guard(engine, "bench_slow", holder.pid)
+        raw = engine.raw_connection()  # psycopg2 itself: its notices hold VACUUM's report
+        try:
+            raw.dbapi_connection.autocommit = True
+            cursor = raw.cursor()
+            cursor.execute("UPDATE bench_rows SET n = n + 1")
+            cursor.execute("VACUUM (VERBOSE) bench_rows")
+            notices = " ".join(raw.dbapi_connection.notices)
+        finally:
+            raw.close()
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=60)
+        shutil.rmtree(folder)
+        removed = _grab(notices, r"tuples: (\d+) removed")
+        kept = _grab(notices, r"(\d+) are dead but not yet removable")
+        rows.append({"lock": mode, "dead_removed": removed, "dead_not_removable": kept})
+        print(f"  vacuum {mode}: {rows[-1]}", flush=True)
+    engine.dispose()
+    return rows
+
+
+def _wait_guard(engine, job: str, pid: int, timeout: float = 60) -> None:
+    """Until process ``pid`` holds the job's lock, then a second for its start-up
+    transactions (schema check, holder row) to end."""
+    deadline = time.time() + timeout
+    query = text("SELECT count(*) FROM jobrunner_lock_holders WHERE job = :j AND pid = :p")
+    while time.time() < deadline:
+        try:
+            with engine.connect() as conn:
+                if conn.execute(query, {"j": job, "p": pid}).scalar():
+                    time.sleep(1.0)
+                    return
+        except Exception:  # noqa: BLE001 - the table may not exist yet
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"process {pid} never took the lock of {job}")
+
+
+def _grab(text_: str, pattern: str) -> int | None:
+    import re
+
+    match = re.search(pattern, text_)
+    return int(match.group(1)) if match else None
+
+
+# -- report --------------------------------------------------------------------------------------
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("" if value is None else format(value, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(scaling: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for db in sorted({r["db"] for r in scaling}):
+        points = [r for r in scaling if r["db"] == db]
+        ax.plot([p["workers"] for p in points], [p["items_per_s"] for p in points], marker="o", label=db)
+    workers = sorted({r["workers"] for r in scaling})
+    one = {
+        db: next(r["items_per_s"] for r in scaling if r["db"] == db and r["workers"] == 1)
+        for db in {r["db"] for r in scaling}
+    }
+    ideal = max(one.values())
+    ax.plot(workers, [ideal * w for w in workers], linestyle=":", color="grey", label="linear")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(workers, [str(w) for w in workers])
+    ax.set_xlabel("--workers")
+    ax.set_ylabel("items per second (median)")
+    ax.set_title("I/O-bound items (UPDATE + 10 ms wait): throughput vs workers")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--database-url", help="PostgreSQL URL to use instead of starting a server")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 runs, fewer items")
+    parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    runs = 2 if args.quick else args.runs
+    items = 2000 if args.quick else 20000
+    mem_sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
+
+    server = None
+    pg_url = args.database_url
+    if pg_url is None:
+        from pgserver import PostgresServer, find_bindir
+
+        server = PostgresServer(find_bindir())
+        server.start()
+        admin = create_engine(server.admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("CREATE DATABASE bench"))
+        admin.dispose()
+        pg_url = server.admin_url.rsplit("/", 1)[0] + "/bench"
+    work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))
+    sqlite_url = f"sqlite:///{work / 'bench.db'}"
+    databases = [("sqlite", sqlite_url), ("postgresql", pg_url)]
+    results: dict = {}
+    try:
+        print("overhead", flush=True)
+        results["overhead"] = [
+            r
+            for name, url in databases
+            for r in bench_overhead(name, url, runs, items, [1, 4, 16], raw=name == "postgresql")
+        ]
+        results["profile"] = profile_one_worker(pg_url, min(items, 5000))
+        print("scaling", flush=True)
+        results["scaling"] = [
+            r
+            for name, url in databases
+            for r in bench_scaling(name, url, runs, 30 if args.quick else 150, [1, 2, 4, 8, 16, 32])
+        ]
+        print("memory", flush=True)
+        results["memory"] = [r for name, url in databases for r in bench_memory(name, url, mem_sizes)]
+        print("lock", flush=True)
+        results["lock"] = [bench_lock(name, url, runs) for name, url in databases]
+        results["vacuum"] = bench_vacuum(pg_url)
+        print("startup", flush=True)
+        results["startup"] = bench_startup(max(runs, 10), sqlite_url)
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "latest.json").write_text(json.dumps(results, indent=2))
+    plot(results["scaling"], HERE / "throughput.png")
+    write_report(results, Path(args.output), runs, items, args.quick)
+    print(f"wrote {args.output} and {HERE / 'throughput.png'}")
+
+
+def write_report(r: dict, path: Path, runs: int, items: int, quick: bool) -> None:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = cpu
+    import sqlalchemy
+
+    mem = {(m["db"], m["items"]): m["peak_rss_mb"] for m in r["memory"]}
+    growth = []
+    for db in ("sqlite", "postgresql"):
+        sizes = sorted(n for d, n in mem if d == db)
+        small, large = mem[(db, sizes[0])], mem[(db, sizes[-1])]
+        growth.append({"db": db, "small": small, "large": large, "growth": (large / small - 1) * 100})
+    text_ = f"""# Benchmarks
+
+Written by `python bench/run.py`{" --quick (smoke-test sizes: not for quoting)" if quick else ""} on
+{time.strftime("%Y-%m-%d")}: {os.cpu_count()} cores ({model}), {platform.system()} {platform.release()},
+Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, PostgreSQL server started
+by the benchmark on the same machine (fsync off, loopback TCP), SQLite in WAL mode with
+synchronous=FULL on local disk. Every timing is the median of {runs} runs; contenders
+in a comparison ran side by side in the same loop, alternating. Raw numbers:
+`bench/results/latest.json` (not committed).
+
+## 1. Overhead: jobrunner vs the hand-written script
+
+{items:,} items, each `UPDATE bench_rows SET n = n + 1 WHERE id = :id` then commit. Whole-process wall
+time (start-up included) of `jobrunner run` against `bench/handwritten.py` (ThreadPoolExecutor,
+one sessionmaker, a session per worker thread, a commit per item). Target: ratio at most 1.05.
+
+{
+        table(
+            r["overhead"],
+            [
+                ("db", "database", "s"),
+                ("workers", "workers", "d"),
+                ("jobrunner", "jobrunner s", ".2f"),
+                ("hand-written", "hand-written s", ".2f"),
+                ("ratio", "ratio", ".3f"),
+            ],
+        )
+    }
+
+## 2. The driver's limit: psycopg2 directly
+
+The same work through psycopg2, one connection per thread, no SQLAlchemy (`bench/rawdriver.py`).
+
+{
+        table(
+            [x for x in r["overhead"] if "psycopg2" in x],
+            [
+                ("workers", "workers", "d"),
+                ("jobrunner", "jobrunner s", ".2f"),
+                ("psycopg2", "psycopg2 s", ".2f"),
+                ("ratio_raw", "jobrunner / psycopg2", ".2f"),
+            ],
+        )
+    }
+
+Where the difference goes: cProfile of the one worker thread of an in-process run
+(PostgreSQL, one worker), sorted by own time:
+
+```
+{r["profile"].strip()}
+```
+
+## 3. Scaling: I/O-bound items
+
+Each item waits 10 ms outside the database (before its transaction), then runs the UPDATE and
+commits. Items per second from the run's own `--json` summary. Target: 16 workers at least 12x one.
+
+{
+        table(
+            r["scaling"],
+            [
+                ("db", "database", "s"),
+                ("workers", "workers", "d"),
+                ("items_per_s", "items/s", ".1f"),
+                ("speedup", "x one worker", ".2f"),
+            ],
+        )
+    }
+
+![throughput against workers](bench/throughput.png)
+
+## 4. Memory
+
+Peak RSS of the whole `jobrunner run` process for a generator of no-op items. Target: less than
+10% growth from the smaller to the larger run.
+
+{
+        table(
+            r["memory"],
+            [
+                ("db", "database", "s"),
+                ("items", "items", ",d"),
+                ("peak_rss_mb", "peak RSS MiB", ".1f"),
+                ("seconds", "wall s", ".1f"),
+            ],
+        )
+    }
+
+{
+        table(
+            growth,
+            [
+                ("db", "database", "s"),
+                ("small", "smaller MiB", ".1f"),
+                ("large", "larger MiB", ".1f"),
+                ("growth", "growth %", ".2f"),
+            ],
+        )
+    }
+
+## 5. The lock
+
+Loser: whole-process wall time of a second `jobrunner run` while a copy holds the lock (exit 75).
+Takeover: from SIGKILL of the holder to the first item of a copy already waiting with
+`--wait-lock` (it polls every 0.1 s).
+
+{
+        table(
+            r["lock"],
+            [
+                ("db", "database", "s"),
+                ("loser_exit_s", "loser exits in s", ".3f"),
+                ("takeover_s", "takeover after SIGKILL s", ".3f"),
+            ],
+        )
+    }
+
+VACUUM while a run holds its lock and another session updates 1,000 rows (PostgreSQL):
+
+{
+        table(
+            r["vacuum"],
+            [
+                ("lock", "lock mode", "s"),
+                ("dead_removed", "dead rows removed", "d"),
+                ("dead_not_removable", "dead but not yet removable", "d"),
+            ],
+        )
+    }
+
+## 6. Start-up
+
+Target: under 250 ms each.
+
+{table(r["startup"], [("command", "command", "s"), ("median_ms", "median ms", ".0f")])}
+"""
+    path.write_text(text_)
+
+
+if __name__ == "__main__":
+    main()
