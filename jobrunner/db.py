@@ -59,6 +59,17 @@ class Database:
         session.info["owner_thread"] = threading.get_ident()
         return session
 
+    def impatient_session(self, timeout: float) -> Session:
+        """A session whose writes wait at most ``timeout`` s for SQLite's write
+        lock: for bookkeeping while abandoned workers may still hold it."""
+        if not self.is_sqlite:
+            return self.session()
+        engine = _sqlite_engine(make_url(self.url).database or "", pool_size=1, timeout=timeout)
+        self._extra_engines.append(engine)
+        session = self.session_factory(bind=engine)
+        session.info["owner_thread"] = threading.get_ident()
+        return session
+
     def guard_session(self) -> Session:
         """The singleton guard's session: same factory, an engine of its own.
 
@@ -67,7 +78,9 @@ class Database:
         worker's pool never touches the guard's connection.
         """
         if self.is_sqlite:
-            engine = _sqlite_engine(lock_database_path(self.url, self.job), pool_size=1, timeout=0)
+            # The lock database keeps the rollback journal: nothing reads it
+            # while the guard writes, and it needs no -wal/-shm files.
+            engine = _sqlite_engine(lock_database_path(self.url, self.job), pool_size=1, timeout=0, wal=False)
         else:
             engine = _postgres_engine(
                 self.url,
@@ -127,7 +140,9 @@ def _check_owner(session: Session, transaction: Any, connection: Any) -> None:
         raise RuntimeError("a jobrunner Session was used by a thread other than its owner")
 
 
-def _sqlite_engine(path: str, *, pool_size: int, timeout: float = SQLITE_BUSY_TIMEOUT_S) -> Engine:
+def _sqlite_engine(
+    path: str, *, pool_size: int, timeout: float = SQLITE_BUSY_TIMEOUT_S, wal: bool = True
+) -> Engine:
     engine = create_engine(
         f"sqlite:///{path}",
         pool_size=pool_size,
@@ -135,7 +150,6 @@ def _sqlite_engine(path: str, *, pool_size: int, timeout: float = SQLITE_BUSY_TI
         pool_timeout=60,
         connect_args={"timeout": timeout, "check_same_thread": False},
     )
-    journal_wal = timeout > 0  # the lock database keeps the rollback journal
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -143,7 +157,7 @@ def _sqlite_engine(path: str, *, pool_size: int, timeout: float = SQLITE_BUSY_TI
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        if journal_wal:
+        if wal:
             cursor.execute("PRAGMA journal_mode = WAL")
         cursor.close()
 

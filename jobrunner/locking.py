@@ -71,7 +71,6 @@ class Guard:
         heartbeat: float = 1.0,
         on_lost: Callable[[str], None] | None = None,
         record_holder: bool = True,
-        run_id: int | None = None,
     ) -> None:
         self.database = database
         self.job = job
@@ -80,7 +79,6 @@ class Guard:
         self.heartbeat = heartbeat
         self.on_lost = on_lost
         self.record_holder = record_holder
-        self.run_id = run_id
         self.lost = threading.Event()
         self.lost_reason: str | None = None
         self._acquired = threading.Event()
@@ -205,7 +203,6 @@ class Guard:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "since": datetime.now(UTC).replace(tzinfo=None),
-            "run_id": self.run_id,
         }
         dialect = postgresql if not self.database.is_sqlite else sqlite
         statement = dialect.insert(tables.lock_holders).values(job=self.job, **values)

@@ -20,7 +20,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.orm import Session
 
 from jobrunner import db as dbmod
-from jobrunner import jobs, tables
+from jobrunner import history, jobs, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.exceptions import ConfigError, DatabaseUnavailable, JobError, LockHeld
@@ -109,6 +109,7 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
         result = active.execute()
     finally:
         database.dispose()
+    _write_metrics(config, result, active.reporter)
     if active.abandoned:
         # Workers outlived --shutdown-timeout. The result is printed; leave
         # now, so the database rolls back whatever they still hold open.
@@ -116,6 +117,18 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
         sys.stderr.flush()
         os._exit(result.exit_code)
     return result
+
+
+def _write_metrics(config: Config, result: RunResult, reporter: Reporter) -> None:
+    path = config.metrics_path
+    if path is None:
+        return
+    from jobrunner import metrics
+
+    try:
+        metrics.update(path, result)
+    except OSError as error:
+        reporter.notice(f"cannot write the metrics file {path}: {error.strerror or error}")
 
 
 class _Run:
@@ -133,6 +146,10 @@ class _Run:
         self.abandoned = False
         self.guard: Guard | None = None
         self.changes = ChangeCounter(database.engine) if config.dry_run else None
+        self.recorder = history.RunRecorder(database, job.name, reporter.notice)
+        self.run_id: int | None = None
+        self.resumed_from: int | None = None
+        self.skip_keys: set[str] = set()
         self.ctx = JobContext(
             job=job.name,
             dry_run=config.dry_run,
@@ -154,8 +171,13 @@ class _Run:
 
         try:
             with self._guard():
+                self._open_history()
                 with self._signals():
                     self._run_locked()
+                result = self._result(started_at, t0)
+                # Before the lock is released: the next run must not find
+                # this one still 'running' and mark it crashed.
+                self.recorder.finish(result, patient=not self.abandoned)
         except LockHeld as held:
             result = RunResult(
                 job=self.job.name,
@@ -168,11 +190,12 @@ class _Run:
                 error=str(held),
                 holder=held.holder,
             )
-            self.reporter.finished(result)
-            return result
+        self.reporter.finished(result)
+        return result
 
+    def _result(self, started_at: datetime, t0: float) -> RunResult:
         snap = self.progress
-        result = RunResult(
+        return RunResult(
             job=self.job.name,
             status=self._status(),
             dry_run=self.config.dry_run,
@@ -188,9 +211,31 @@ class _Run:
             changes=self.changes.report() if self.changes else {},
             error=self.error,
             signal=self.signal,
+            run_id=self.run_id,
+            resumed_from=self.resumed_from,
         )
-        self.reporter.finished(result)
-        return result
+
+    def _open_history(self) -> None:
+        """Runs once the lock is held (or without one, under --no-lock)."""
+        if not self.config.no_lock:
+            crashed = self.recorder.mark_crashed()
+            if crashed:
+                self.reporter.notice(f"marked {crashed} earlier run(s) of {self.job.name} as crashed")
+        if self.config.resume:
+            latest, chain = history.resume_point(self.database, self.job.name, before=None)
+            if latest is None:
+                self.reporter.notice(f"nothing to resume: the latest run of {self.job.name} finished")
+            else:
+                self.skip_keys = history.committed_keys(self.database, chain)
+                self.resumed_from = latest
+                self.reporter.notice(
+                    f"resuming run {latest}: {len(self.skip_keys)} items already committed are skipped"
+                )
+        self.run_id = self.recorder.start(
+            dry_run=self.config.dry_run, workers=self.config.workers, resumed_from=self.resumed_from
+        )
+        if self.job.item_key is not None and self.run_id is None and not self.config.dry_run:
+            self.reporter.notice("item keys cannot be recorded without a history row: --resume will not skip")
 
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
         if self.config.no_lock:
@@ -204,6 +249,10 @@ class _Run:
             on_lost=self._lock_lost,
         )
         return self.guard
+
+    @property
+    def record_keys(self) -> bool:
+        return self.job.item_key is not None and self.run_id is not None and not self.config.dry_run
 
     def _run_locked(self) -> None:
         try:
@@ -251,7 +300,11 @@ class _Run:
         return None
 
     def _produce(self, items: Iterable[Any]) -> Iterator[Any]:
+        skip, key_of = self.skip_keys, self.job.item_key
         for item in items:
+            if skip and key_of is not None and str(key_of(item)) in skip:
+                self.progress.skip()
+                continue
             if getattr(type(item), "_sa_class_manager", None) is not None:
                 # An ORM instance belongs to the items session, which lives in
                 # this thread; a worker must never touch it.
@@ -275,6 +328,9 @@ class _Run:
             attempt += 1
             try:
                 self.job.process(self.ctx, session, item)
+                if self.record_keys:
+                    # In the item's own transaction: the key commits with the work.
+                    history.record_key(session, self.run_id, str(self.job.item_key(item)))
                 if not self._end_transaction(session):
                     self.progress.cancel(attempt - 1)
                     return
@@ -282,6 +338,8 @@ class _Run:
                 return
             except Exception as error:  # noqa: BLE001 - the job's own code
                 _rollback(session)
+                if self.changes is not None:
+                    self.changes.discard()
                 if attempt <= self.config.retries and self._may_commit() and self._is_transient(error):
                     log.info("item %s: retrying after %s", _safe_repr(item), error_line(error))
                     time.sleep(_backoff(attempt))
@@ -295,6 +353,8 @@ class _Run:
         if self.config.dry_run:
             session.flush()  # the database checks constraints and counts the rows
             session.rollback()
+            if self.changes is not None:
+                self.changes.keep()
             return True
         if not self._may_commit():
             session.rollback()
@@ -368,11 +428,16 @@ _DML = re.compile(r"^\s*(insert\s+(?:or\s+\w+\s+)?into|update|delete\s+from)\s+\
 
 
 class ChangeCounter:
-    """Counts the rows a dry run's statements report, per table and kind."""
+    """Counts the rows a dry run's statements report, per table and kind.
+
+    Counts gather per thread and join the totals only when the transaction
+    they belong to ends well: a failed item's rows would not have changed.
+    """
 
     def __init__(self, engine: Any) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, dict[str, int]] = {}
+        self._pending = threading.local()
         event.listen(engine, "after_cursor_execute", self._after_execute)
 
     def _after_execute(
@@ -384,11 +449,20 @@ class ChangeCounter:
         rows = cursor.rowcount
         if rows is None or rows < 0:
             rows = len(parameters) if executemany else 0
-        if rows <= 0:
-            return
+        if rows > 0:
+            pending = self._pending.__dict__.setdefault("counts", [])
+            pending.append((table, kind, rows))
+
+    def keep(self) -> None:
+        """The calling thread's transaction ended well: count its rows."""
+        pending = self._pending.__dict__.pop("counts", [])
         with self._lock:
-            counts = self._counts.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
-            counts[kind] += rows
+            for table, kind, rows in pending:
+                counts = self._counts.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
+                counts[kind] += rows
+
+    def discard(self) -> None:
+        self._pending.__dict__.pop("counts", None)
 
     @staticmethod
     def _classify(statement: str, context: Any) -> tuple[str | None, str | None]:

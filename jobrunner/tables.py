@@ -44,7 +44,6 @@ lock_holders = Table(
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
     Column("since", DateTime, nullable=False),  # naive UTC
-    Column("run_id", Integer),
 )
 
 runs = Table(

@@ -19,7 +19,8 @@ def items(ctx, session):
 def process(ctx, session, item):
     session.execute(text("INSERT INTO seen VALUES (:i, :t, :s)"),
                     {"i": item, "t": threading.get_ident() % 2**62, "s": id(session) % 2**62})
-    if str(item) in ctx.params.get("fail", "").split(","):
+    fail = ctx.params.get("fail", "")
+    if fail == "all" or str(item) in fail.split(","):
         raise ValueError(f"item {item} is broken")
 '''
 
@@ -118,4 +119,107 @@ def process(ctx, session, item):
     finally:
         with lock:
             active -= 1
+'''
+
+# Fails the first attempt of every item in the way --param mode=... says:
+# terminate (kills its own backend), 40P01, 40001, or value (every attempt
+# raises ValueError). Each attempt appends the item to the file --param log=.
+RETRY = '''
+"""Fail each item's first attempt."""
+import threading
+from sqlalchemy import text
+
+attempts = {}
+lock = threading.Lock()
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS done (item INTEGER NOT NULL)"))
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 20)))
+
+def process(ctx, session, item):
+    with lock:
+        attempts[item] = attempts.get(item, 0) + 1
+        first = attempts[item] == 1
+    with open(ctx.params["log"], "a") as fh:
+        fh.write(f"{item}\\n")
+    session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+    mode = ctx.params["mode"]
+    if mode == "value":
+        raise ValueError(f"item {item} is not transient")
+    if first and mode == "terminate":
+        session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    if first and mode in ("40P01", "40001"):
+        session.execute(text(
+            f"DO $$ BEGIN RAISE EXCEPTION 'injected {mode}' USING ERRCODE = '{mode}'; END $$"))
+'''
+
+# ORM and Core changes of every kind, for the dry-run report. Item 9 fails
+# (a duplicate key), so its changes must not be counted.
+DRY = '''
+"""Change rows through the ORM and through Core statements."""
+from sqlalchemy import Column, Integer, MetaData, Table, delete, insert, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+class Base(DeclarativeBase):
+    pass
+
+class A(Base):
+    __tablename__ = "dry_a"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    v: Mapped[int]
+
+b = Table("dry_b", Base.metadata, Column("id", Integer, primary_key=True, autoincrement=False),
+          Column("v", Integer, nullable=False))
+
+def setup(ctx, session):
+    Base.metadata.create_all(session.connection())
+    if session.query(A).count() == 0:
+        session.add_all([A(id=i, v=0) for i in range(10)])
+        session.execute(insert(b), [{"id": i, "v": 0} for i in range(10)])
+
+def items(ctx, session):
+    return range(10)
+
+def process(ctx, session, item):
+    session.add(A(id=100 + item, v=1))                            # ORM insert
+    session.get(A, item).v += 1                                   # ORM update
+    if item < 2:
+        session.delete(session.get(A, 50 + item) or session.get(A, item))  # ORM delete
+    session.execute(insert(b).values(id=100 + item, v=1))         # Core insert
+    session.execute(update(b).where(b.c.id == item).values(v=9))  # Core update
+    if item < 3:
+        session.execute(delete(b).where(b.c.id == item))          # Core delete
+    session.execute(text("INSERT INTO dry_b (id, v) VALUES (:i, 2)"), {"i": 200 + item})  # text
+    if item == 9:
+        session.add(A(id=0, v=0))                                 # duplicate key: fails
+        session.flush()
+'''
+
+# Resumable: each item writes one effect row; items listed in the table
+# `broken` fail until the row is deleted (the cause is "fixed").
+# --param sleep=S slows each item; --param broken=1,2 fills `broken` in setup.
+RESUMABLE = '''
+"""A resumable job: item_key makes --resume skip committed items."""
+import time
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+    session.execute(text("CREATE TABLE IF NOT EXISTS broken (item INTEGER NOT NULL)"))
+    for item in filter(None, ctx.params.get("broken", "").split(",")):
+        session.execute(text("INSERT INTO broken VALUES (:i)"), {"i": int(item)})
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 50)))
+
+def process(ctx, session, item):
+    session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+    if session.execute(text("SELECT count(*) FROM broken WHERE item = :i"), {"i": item}).scalar():
+        raise RuntimeError(f"item {item} is broken")
+    time.sleep(float(ctx.params.get("sleep", 0)))
+
+def item_key(item):
+    return f"item-{item}"
 '''

@@ -49,7 +49,7 @@ def assert_whole_items(url: str) -> None:
 
 def test_second_copy_exits_75_at_once_and_first_finishes(spawn, write_job, db_url):
     write_job("two_rows", TWO_ROWS)
-    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=16", "--param", "sleep=0.2")
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.2")
     wait_for_rows(db_url, "pairs")
     t0 = time.monotonic()
     loser = spawn("run", "two_rows", "--database-url", db_url, "--json")
@@ -147,7 +147,7 @@ def test_terminated_guard_backend_stops_the_run_with_69(spawn, write_job, pg_url
 @pytest.mark.postgres
 def test_application_names_tell_workers_from_the_guard(spawn, write_job, pg_url):
     write_job("two_rows", TWO_ROWS)
-    holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=20", "--param", "sleep=0.2")
+    holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=60", "--param", "sleep=0.2")
     wait_for_rows(pg_url, "pairs")
     database = pg_url.rsplit("/", 1)[1]
     names = {
@@ -185,7 +185,7 @@ def test_wait_lock_runs_after_the_holder(spawn, write_job, db_url):
 
 def test_wait_lock_gives_up_with_75(spawn, cli, write_job, db_url):
     write_job("two_rows", TWO_ROWS)
-    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.2")
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=100", "--param", "sleep=0.2")
     wait_for_rows(db_url, "pairs")
     t0 = time.monotonic()
     out = cli("run", "two_rows", "--database-url", db_url, "--wait-lock", "1")
@@ -220,7 +220,7 @@ def test_no_lock_lets_copies_run_concurrently(spawn, write_job, db_url, tmp_path
 def test_advisory_lock_mode_excludes_too(spawn, write_job, pg_url, tmp_path):
     write_job("two_rows", TWO_ROWS)
     (tmp_path / "jobrunner.toml").write_text('[jobs.two_rows]\nlock = "advisory"\n')
-    holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=12", "--param", "sleep=0.2")
+    holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=60", "--param", "sleep=0.2")
     wait_for_rows(pg_url, "pairs")
     loser = spawn("run", "two_rows", "--database-url", pg_url)
     code, _, err = finish(loser)

@@ -23,6 +23,16 @@ def query(url: str, sql: str) -> list[tuple]:
         engine.dispose()
 
 
+def execute(url: str, sql: str) -> None:
+    """Run one statement and commit it."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
 def run_json(cli, *args: str):
     out = cli(*args, "--json")
     lines = out.stdout.splitlines()

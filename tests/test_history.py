@@ -1,0 +1,122 @@
+"""Run history, crash detection and --resume, end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+from datetime import date, timedelta
+
+from jobkit import RESUMABLE
+from test_lock import finish, wait_for_rows
+from test_run import execute, query
+
+
+def effects_exactly_once(url: str, n: int) -> None:
+    rows = sorted(item for (item,) in query(url, "SELECT item FROM effects"))
+    assert rows == list(range(n)), f"effects not exactly once: {len(rows)} rows"
+
+
+def run_json(cli, *args):
+    out = cli(*args, "--json")
+    return out, json.loads(out.stdout)
+
+
+def test_resume_after_failures_commits_each_item_once(cli, write_job, db_url):
+    write_job("resumable", RESUMABLE)
+    first, summary = run_json(
+        cli, "run", "resumable", "--database-url", db_url, "--param", "n=50", "--param", "broken=3,17,40"
+    )
+    assert first.returncode == 1 and summary["failed"] == 3 and summary["succeeded"] == 47
+    execute(db_url, "DELETE FROM broken")  # the cause is fixed
+    second, summary = run_json(
+        cli, "run", "resumable", "--database-url", db_url, "--param", "n=50", "--resume"
+    )
+    assert second.returncode == 0, second.stderr
+    assert (summary["succeeded"], summary["skipped"], summary["failed"]) == (3, 47, 0)
+    assert summary["resumed_from"] == summary["run_id"] - 1
+    assert "resuming run" in second.stderr
+    effects_exactly_once(db_url, 50)
+
+
+def test_resume_follows_the_chain_of_resumed_runs(cli, write_job, db_url):
+    write_job("resumable", RESUMABLE)
+    cli("run", "resumable", "--database-url", db_url, "--param", "n=30", "--param", "broken=1,2")
+    execute(db_url, "DELETE FROM broken WHERE item = 1")
+    _, second = run_json(cli, "run", "resumable", "--database-url", db_url, "--param", "n=30", "--resume")
+    assert (second["succeeded"], second["failed"], second["skipped"]) == (1, 1, 28)
+    execute(db_url, "DELETE FROM broken")
+    _, third = run_json(cli, "run", "resumable", "--database-url", db_url, "--param", "n=30", "--resume")
+    assert (third["succeeded"], third["failed"], third["skipped"]) == (1, 0, 29)
+    effects_exactly_once(db_url, 30)
+
+
+def test_resume_after_sigkill_marks_crashed_and_skips_committed(cli, spawn, write_job, db_url):
+    write_job("resumable", RESUMABLE)
+    victim = spawn("run", "resumable", "--database-url", db_url, "--param", "n=200", "--param", "sleep=0.05")
+    wait_for_rows(db_url, "effects", minimum=20)
+    victim.send_signal(signal.SIGKILL)
+    finish(victim)
+    [(committed,)] = query(db_url, "SELECT count(*) FROM effects")
+    assert 0 < committed < 200
+    out, summary = run_json(
+        cli,
+        "run",
+        "resumable",
+        "--database-url",
+        db_url,
+        "--param",
+        "n=200",
+        "--param",
+        "sleep=0",
+        "--resume",
+    )
+    assert out.returncode == 0, out.stderr
+    assert summary["skipped"] == committed and summary["succeeded"] == 200 - committed
+    assert "marked 1 earlier run(s) of resumable as crashed" in out.stderr
+    effects_exactly_once(db_url, 200)
+
+    listing = json.loads(cli("history", "resumable", "--database-url", db_url, "--json").stdout)
+    assert [r["status"] for r in listing] == ["succeeded", "crashed"]
+    assert listing[1]["finished_at"] is None and listing[0]["skipped"] == committed
+    for key in ("job", "status", "dry_run", "started_at", "finished_at", "succeeded", "failed"):
+        assert key in listing[0]
+    human = cli("history", "--database-url", db_url).stdout.splitlines()
+    assert human[0].split()[:3] == ["id", "job", "status"]
+    assert "succeeded" in human[1] and "crashed" in human[2]
+
+
+def test_resume_with_nothing_to_resume_runs_normally(cli, write_job, db_url):
+    write_job("resumable", RESUMABLE)
+    assert cli("run", "resumable", "--database-url", db_url, "--param", "n=5").returncode == 0
+    out, summary = run_json(cli, "run", "resumable", "--database-url", db_url, "--param", "n=5", "--resume")
+    assert out.returncode == 0 and summary["skipped"] == 0 and summary["succeeded"] == 5
+    assert "nothing to resume" in out.stderr
+
+
+def test_dry_runs_are_recorded_but_resume_looks_past_them(cli, write_job, db_url):
+    write_job("resumable", RESUMABLE)
+    assert (
+        cli("run", "resumable", "--database-url", db_url, "--param", "n=5", "--param", "broken=1").returncode
+        == 1
+    )
+    execute(db_url, "DELETE FROM broken")
+    assert cli("run", "resumable", "--database-url", db_url, "--param", "n=5", "--dry-run").returncode == 0
+    listing = json.loads(cli("history", "--database-url", db_url, "--json").stdout)
+    assert [(r["status"], r["dry_run"]) for r in listing] == [("succeeded", True), ("failed", False)]
+    out, summary = run_json(cli, "run", "resumable", "--database-url", db_url, "--param", "n=5", "--resume")
+    assert out.returncode == 0, out.stderr
+    assert (summary["skipped"], summary["succeeded"]) == (4, 1)
+    assert summary["resumed_from"] == listing[1]["id"]
+    effects_exactly_once(db_url, 5)
+
+
+def test_history_limit_and_purge(cli, write_job, db_url):
+    write_job("resumable", RESUMABLE)
+    for _ in range(3):
+        cli("run", "resumable", "--database-url", db_url, "--param", "n=2", "--no-lock")
+    assert len(json.loads(cli("history", "--database-url", db_url, "--json", "--limit", "2").stdout)) == 2
+    tomorrow = (date.today() + timedelta(days=2)).isoformat()
+    out = cli("history", "--database-url", db_url, "--purge-before", tomorrow)
+    assert out.returncode == 0 and out.stdout.strip() == "deleted 3 runs and 6 item keys"
+    assert json.loads(cli("history", "--database-url", db_url, "--json").stdout) == []
+    assert cli("history", "--database-url", db_url, "--purge-before", "yesterday").returncode == 2

@@ -1,0 +1,244 @@
+"""Dry-run, retries, failure limits and graceful shutdown, end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from jobkit import DRY, RECORD, RETRY, TWO_ROWS
+from sqlalchemy import create_engine, text
+from test_lock import assert_whole_items, finish, wait_for_rows
+from test_run import query
+
+
+def snapshot(url: str) -> dict[str, list[tuple]]:
+    """Every row of every table but jobrunner's own, sorted."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            from sqlalchemy import inspect
+
+            names = [n for n in inspect(conn).get_table_names() if not n.startswith("jobrunner_")]
+            return {n: sorted(map(tuple, conn.execute(text(f"SELECT * FROM {n}")))) for n in names}
+    finally:
+        engine.dispose()
+
+
+# -- dry-run -------------------------------------------------------------------------------
+def test_dry_run_counts_orm_and_core_changes(cli, write_job, db_url):
+    write_job("dry", DRY)
+    # setup commits in a real run; with --param nothing, so only setup's work remains
+    prepare = cli("run", "dry", "--database-url", db_url, "--dry-run", "--json")
+    assert prepare.returncode == 1, prepare.stderr
+    before = snapshot(db_url)
+    assert before == {}, "the dry run's setup must roll back too"
+
+    write_job("dry_setup", DRY.replace("return range(10)", "return []"))
+    assert cli("run", "dry_setup", "--database-url", db_url).returncode == 0
+    before = snapshot(db_url)
+    assert len(before["dry_a"]) == 10 and len(before["dry_b"]) == 10
+
+    out = cli("run", "dry", "--database-url", db_url, "--dry-run", "--json")
+    assert out.returncode == 1, out.stderr
+    assert snapshot(db_url) == before
+    changes = json.loads(out.stdout)["changes"]
+    # items 0-8 succeed (9 fails, and its changes are not counted):
+    # dry_a: 9 ORM inserts, 9 ORM updates (items 0 and 1 then delete their row)
+    # dry_b: 9 Core + 9 text() inserts, 9 updates, 3 deletes
+    assert changes == {
+        "dry_a": {"insert": 9, "update": 9, "delete": 2},
+        "dry_b": {"insert": 18, "update": 9, "delete": 3},
+    }
+
+
+def test_dry_run_summary_on_the_terminal_lists_changes(cli, write_job, sqlite_url):
+    write_job("dry_setup", DRY.replace("return range(10)", "return []"))
+    write_job("dry", DRY)
+    assert cli("run", "dry_setup", "--database-url", sqlite_url).returncode == 0
+    out = cli("run", "dry", "--database-url", sqlite_url, "--dry-run")
+    assert "would change dry_a: 9 insert, 9 update, 2 delete" in out.stdout
+    assert "(dry run)" in out.stdout
+
+
+def test_dry_run_takes_the_lock(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.1")
+    wait_for_rows(db_url, "pairs")
+    code, _, err = finish(spawn("run", "two_rows", "--database-url", db_url, "--dry-run"))
+    assert code == 75, err
+    assert finish(holder)[0] == 0
+
+
+# -- retries ---------------------------------------------------------------------------------
+@pytest.mark.postgres
+@pytest.mark.parametrize("mode", ["terminate", "40P01", "40001"])
+def test_transient_errors_are_retried(cli, write_job, pg_url, tmp_path, mode):
+    write_job("retry", RETRY)
+    log = tmp_path / "attempts.log"
+    out = cli(
+        "run",
+        "retry",
+        "--database-url",
+        pg_url,
+        "--param",
+        f"mode={mode}",
+        "--param",
+        f"log={log}",
+        "--param",
+        "n=20",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"], summary["retried"]) == (20, 0, 20)
+    assert sorted(item for (item,) in query(pg_url, "SELECT item FROM done")) == list(range(20))
+    attempts = log.read_text().split()
+    assert sorted(map(int, attempts)) == sorted(list(range(20)) * 2)
+
+
+def test_other_errors_are_attempted_once(cli, write_job, db_url, tmp_path):
+    write_job("retry", RETRY)
+    log = tmp_path / "attempts.log"
+    out = cli(
+        "run",
+        "retry",
+        "--database-url",
+        db_url,
+        "--param",
+        "mode=value",
+        "--param",
+        f"log={log}",
+        "--param",
+        "n=5",
+        "--json",
+    )
+    assert out.returncode == 1
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"], summary["retried"]) == (0, 5, 0)
+    assert sorted(map(int, log.read_text().split())) == list(range(5))
+    assert query(db_url, "SELECT count(*) FROM done") == [(0,)]
+
+
+@pytest.mark.postgres
+def test_retries_zero_fails_transient_errors_at_once(cli, write_job, pg_url, tmp_path):
+    write_job("retry", RETRY)
+    out = cli(
+        "run",
+        "retry",
+        "--database-url",
+        pg_url,
+        "--param",
+        "mode=40001",
+        "--param",
+        f"log={tmp_path / 'log'}",
+        "--param",
+        "n=3",
+        "--retries",
+        "0",
+        "--json",
+    )
+    assert out.returncode == 1
+    summary = json.loads(out.stdout)
+    assert summary["failed"] == 3 and summary["retried"] == 0
+    assert "SerializationFailure" in summary["failures"][0]["error"]
+
+
+# -- failure limits --------------------------------------------------------------------------
+def test_max_failures_aborts_the_run(cli, write_job, db_url):
+    write_job("record", RECORD)
+    out = cli(
+        "run",
+        "record",
+        "--database-url",
+        db_url,
+        "--param",
+        "n=1000",
+        "--param",
+        "fail=all",
+        "--max-failures",
+        "3",
+        "--workers",
+        "2",
+        "--json",
+    )
+    assert out.returncode == 1
+    summary = json.loads(out.stdout)
+    assert summary["status"] == "aborted"
+    assert 4 <= summary["failed"] < 1000 and summary["failed"] <= 4 + 2 * 2 + 1
+    assert "aborted: more than 3 items failed" in out.stderr
+
+
+# -- graceful shutdown -----------------------------------------------------------------------
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_in_flight_items_and_releases_the_lock(spawn, cli, write_job, db_url, signum, code):
+    write_job("two_rows", TWO_ROWS)
+    proc = spawn(
+        "run", "two_rows", "--database-url", db_url, "--param", "n=400", "--param", "sleep=0.1", "--json"
+    )
+    wait_for_rows(db_url, "pairs", minimum=6)
+    proc.send_signal(signum)
+    rc, out, err = finish(proc, timeout=30)
+    assert rc == code, err
+    summary = json.loads(out)
+    assert summary["status"] == "interrupted" and 0 < summary["succeeded"] < 400
+    assert_whole_items(db_url)
+    [(done,)] = query(db_url, "SELECT count(*) FROM pairs WHERE part = 2")
+    assert done == summary["succeeded"]
+    again = cli("run", "two_rows", "--database-url", db_url, "--param", "n=2", "--param", "sleep=0")
+    assert again.returncode == 0, again.stderr
+
+
+def test_second_sigint_exits_at_once(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    proc = spawn(
+        "run",
+        "two_rows",
+        "--database-url",
+        db_url,
+        "--param",
+        "n=40",
+        "--param",
+        "sleep=20",
+        "--workers",
+        "2",
+    )
+    wait_for_rows(db_url, "pairs", minimum=1)  # on SQLite: first halves are uncommitted...
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc, _, _ = finish(proc, timeout=30)
+    assert rc == 130
+    assert time.monotonic() - t0 < 3
+    assert_whole_items(db_url)
+
+
+def test_shutdown_timeout_rolls_back_slow_items(spawn, write_job, db_url):
+    write_job("two_rows", TWO_ROWS)
+    proc = spawn(
+        "run",
+        "two_rows",
+        "--database-url",
+        db_url,
+        "--param",
+        "n=40",
+        "--param",
+        "sleep=30",
+        "--workers",
+        "2",
+        "--shutdown-timeout",
+        "1",
+        "--json",
+    )
+    time.sleep(3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc, out, err = finish(proc, timeout=30)
+    assert rc == 143, err
+    assert time.monotonic() - t0 < 10
+    assert json.loads(out)["status"] == "interrupted"
+    assert "rolled back" in err
+    assert query(db_url, "SELECT count(*) FROM pairs") == [(0,)]
