@@ -236,5 +236,46 @@ def status_command(ctx: click.Context, json_output: bool, **flags: Any) -> int:
     return 0
 
 
+@cli.command("history")
+@click.argument("job", required=False)
+@common_options
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Show at most N runs."
+)
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON list of runs.")
+@click.option(
+    "--purge-before",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="Delete finished runs started before this local date or time, with their resume keys.",
+)
+@click.pass_context
+def history_command(
+    ctx: click.Context, job: str | None, limit: int, json_output: bool, purge_before: Any, **flags: Any
+) -> int:
+    """Show past runs, newest first (of JOB, or of every job)."""
+    from jobrunner import history, jobs, report
+
+    if job is not None:
+        jobs.check_name(job)
+    config = load_config(ctx, job, **flags)
+    if purge_before is not None:
+        report.print_purge(*history.purge_before(config, purge_before, job), json_output=json_output)
+    else:
+        report.print_history(history.show(config, job, limit), json_output=json_output)
+    return 0
+
+
+@cli.command("crontab")
+@common_options
+@click.pass_context
+def crontab_command(ctx: click.Context, **flags: Any) -> int:
+    """Print a crontab line for every job with a schedule in the config file."""
+    from jobrunner import crontab
+
+    config = load_config(ctx, **flags)
+    click.echo("\n".join(crontab.lines(config)))
+    return 0
+
+
 def main() -> None:
     cli(prog_name="jobrunner")

@@ -355,3 +355,95 @@ def print_status(rows: list[dict[str, Any]], *, json_output: bool = False) -> No
         else:
             state = "idle"
         print(f"{row['job']:<{width}}  {state}")
+
+
+HISTORY_COLUMNS = (
+    "id",
+    "job",
+    "status",
+    "dry_run",
+    "started_at",
+    "finished_at",
+    "succeeded",
+    "failed",
+    "retried",
+    "skipped",
+    "workers",
+    "host",
+    "pid",
+    "resumed_from",
+    "error",
+)
+
+
+def print_history(rows: list[dict[str, Any]], *, json_output: bool = False) -> None:
+    from datetime import UTC
+
+    def when(value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None else None  # stored as naive UTC
+
+    records = [
+        {k: row.get(k) for k in HISTORY_COLUMNS}
+        | {"started_at": when(row["started_at"]), "finished_at": when(row["finished_at"])}
+        for row in rows
+    ]
+    if json_output:
+        print(
+            json.dumps(
+                [
+                    {
+                        k: v.isoformat(timespec="seconds") if isinstance(v, datetime) else v
+                        for k, v in r.items()
+                    }
+                    for r in records
+                ]
+            )
+        )
+        return
+    if not records:
+        print("no runs recorded")
+        return
+    headers = ("id", "job", "status", "started", "duration", "ok", "failed", "retried", "skipped", "error")
+    lines = []
+    for r in records:
+        started = r["started_at"].astimezone() if r["started_at"] else None
+        duration = (
+            f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
+            if r["finished_at"] and r["started_at"]
+            else ""
+        )
+        status = r["status"] + (" (dry)" if r["dry_run"] else "")
+        lines.append(
+            (
+                str(r["id"]),
+                r["job"],
+                status,
+                f"{started:%Y-%m-%d %H:%M:%S}" if started else "",
+                duration,
+                str(r["succeeded"]),
+                str(r["failed"]),
+                str(r["retried"]),
+                str(r["skipped"]),
+                (r["error"] or "")[:80],
+            )
+        )
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers)
+        for line in lines:
+            table.add_row(*line, style="red" if line[2].split()[0] not in ("succeeded", "running") else None)
+        Console().print(table)
+        return
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def print_purge(runs: int, keys: int, *, json_output: bool = False) -> None:
+    if json_output:
+        print(json.dumps({"runs_deleted": runs, "keys_deleted": keys}))
+    else:
+        print(f"deleted {runs} runs and {keys} item keys")
