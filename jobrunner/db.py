@@ -70,7 +70,7 @@ class Database:
         session.info["owner_thread"] = threading.get_ident()
         return session
 
-    def guard_session(self) -> Session:
+    def guard_session(self, job: str) -> Session:
         """The singleton guard's session: same factory, an engine of its own.
 
         Its own engine gives it its own application_name, connection options
@@ -80,13 +80,13 @@ class Database:
         if self.is_sqlite:
             # The lock database keeps the rollback journal: nothing reads it
             # while the guard writes, and it needs no -wal/-shm files.
-            engine = _sqlite_engine(lock_database_path(self.url, self.job), pool_size=1, timeout=0, wal=False)
+            engine = _sqlite_engine(lock_database_path(self.url, job), pool_size=1, timeout=0, wal=False)
         else:
             engine = _postgres_engine(
                 self.url,
                 pool_size=1,
                 max_overflow=0,
-                application_name=f"jobrunner {self.job} lock",
+                application_name=f"jobrunner {job} lock",
                 server_options=PG_SERVER_OPTIONS + " -c idle_in_transaction_session_timeout=0",
             )
         self._extra_engines.append(engine)

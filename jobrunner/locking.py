@@ -117,7 +117,7 @@ class Guard:
     def _own(self) -> None:
         session = None
         try:
-            session = self.database.guard_session()
+            session = self.database.guard_session(self.job)
             backend = self._acquire(session)
             if self.record_holder:
                 self._write_holder()
@@ -277,7 +277,6 @@ def lock_status(config: Any) -> list[dict[str, Any]]:
                 row["lock"] = "none"
             else:
                 row["lock"] = "file" if database.is_sqlite else section.get("lock", config.lock)
-                database.job = info.name
                 holder = probe(database, info.name, row["lock"])
                 row["running"] = holder is not None
                 row["holder"] = holder

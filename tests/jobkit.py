@@ -69,6 +69,8 @@ def items(ctx, session):
 def process(ctx, session, item):
     if item == 0:
         session.execute(text("INSERT INTO probe VALUES (:p)"), {"p": produced})
+    elif ctx.params.get("stop_after_first"):
+        raise RuntimeError("enough")  # with --max-failures 0: the run stops here
 '''
 
 # Read-modify-write of one shared counter by every item: lost updates show.

@@ -6,9 +6,8 @@ import json
 import signal
 from datetime import date, timedelta
 
+from helpers import execute, finish, query, wait_for_rows
 from jobkit import RESUMABLE
-from test_lock import finish, wait_for_rows
-from test_run import execute, query
 
 
 def effects_exactly_once(url: str, n: int) -> None:

@@ -8,43 +8,8 @@ import signal
 import time
 
 import pytest
+from helpers import assert_whole_items, execute, finish, intervals, query, wait_for_rows
 from jobkit import CONCURRENCY, RECORD, TWO_ROWS
-from sqlalchemy import create_engine, text
-from test_run import query
-
-
-def wait_for_rows(url: str, table: str, minimum: int = 1, timeout: float = 30) -> None:
-    engine = create_engine(url)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                with engine.connect() as conn:
-                    if conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() >= minimum:
-                        return
-            except Exception:
-                pass
-            time.sleep(0.05)
-    finally:
-        engine.dispose()
-    raise AssertionError(f"no rows in {table} after {timeout}s")
-
-
-def finish(proc, timeout: float = 120):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def intervals(url: str) -> dict[int, tuple[float, float]]:
-    spans: dict[int, tuple[float, float]] = {}
-    for pid, t0, t1 in query(url, "SELECT pid, min(t0), max(t1) FROM pairs GROUP BY pid"):
-        spans[pid] = (t0, t1)
-    return spans
-
-
-def assert_whole_items(url: str) -> None:
-    broken = query(url, "SELECT pid, item, count(*) FROM pairs GROUP BY pid, item HAVING count(*) <> 2")
-    assert broken == [], f"half-committed items: {broken}"
 
 
 def test_second_copy_exits_75_at_once_and_first_finishes(spawn, write_job, db_url):
@@ -202,8 +167,11 @@ def test_different_jobs_run_side_by_side(spawn, write_job, db_url):
     second = spawn("run", "two_rows_b", "--database-url", db_url, "--param", "n=8", "--param", "sleep=0.1")
     assert finish(first)[0] == 0
     assert finish(second)[0] == 0
-    spans = intervals(db_url)
-    assert spans[second.pid][0] < spans[first.pid][1], "the two jobs did not overlap"
+    # Each run's started_at is taken once it holds its job's lock. (On SQLite
+    # the items themselves still take turns on the one write lock.)
+    runs = dict(query(db_url, "SELECT job, started_at FROM jobrunner_runs"))
+    [(first_end,)] = query(db_url, "SELECT finished_at FROM jobrunner_runs WHERE job = 'two_rows'")
+    assert runs["two_rows_b"] < first_end, "the second job waited for the first"
 
 
 def test_no_lock_lets_copies_run_concurrently(spawn, write_job, db_url, tmp_path):
@@ -239,3 +207,17 @@ def test_32_workers_never_wait_on_the_pool(cli, write_job, pg_url):
     out = cli("run", "conc", "--database-url", pg_url, "--workers", "32", "--param", "n=64")
     assert out.returncode == 0, out.stderr
     assert query(pg_url, "SELECT max(active) FROM conc") == [(32,)]
+
+
+@pytest.mark.postgres
+def test_guard_survives_idle_in_transaction_timeout(cli, write_job, pg_url):
+    """The guard sits idle in its transaction by design; the server's timeout
+    must not end it (the workers' short transactions are unaffected)."""
+    database = pg_url.rsplit("/", 1)[1]
+    execute(pg_url, f"ALTER DATABASE {database} SET idle_in_transaction_session_timeout = '300ms'")
+    write_job("two_rows", TWO_ROWS)
+    out = cli(
+        "run", "two_rows", "--database-url", pg_url, "--param", "n=40", "--param", "sleep=0.05", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "succeeded"

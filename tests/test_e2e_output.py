@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pexpect
 from conftest import clean_env, jobrunner_exe
+from helpers import finish, wait_for_rows
 from jobkit import RECORD, TWO_ROWS
-from test_lock import finish, wait_for_rows
 
 ANSI = re.compile(r"\x1b\[")
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")

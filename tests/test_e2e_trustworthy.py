@@ -7,10 +7,9 @@ import signal
 import time
 
 import pytest
+from helpers import assert_whole_items, finish, query, wait_for_rows
 from jobkit import DRY, RECORD, RETRY, TWO_ROWS
 from sqlalchemy import create_engine, text
-from test_lock import assert_whole_items, finish, wait_for_rows
-from test_run import query
 
 
 def snapshot(url: str) -> dict[str, list[tuple]]:

@@ -8,29 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import query
 from jobkit import COUNTER, LAZY, RECORD
-from sqlalchemy import create_engine, text
 
 REPO = Path(__file__).parent.parent
-
-
-def query(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
-
-
-def execute(url: str, sql: str) -> None:
-    """Run one statement and commit it."""
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(sql))
-    finally:
-        engine.dispose()
 
 
 def run_json(cli, *args: str):
@@ -97,9 +78,28 @@ def test_debug_shows_tracebacks_of_failures(cli, write_job, sqlite_url):
 
 
 def test_items_are_consumed_lazily(cli, write_job, db_url):
+    """A generator of 1,000,000 items: the first is processed before 10,000 are
+    produced. Every item after the first fails, so --max-failures 0 ends the
+    run early and the test stays fast."""
     write_job("lazy", LAZY)
-    out = cli("run", "lazy", "--database-url", db_url, "--param", "n=100000", "--workers", "4")
-    assert out.returncode == 0, out.stderr
+    out = cli(
+        "run",
+        "lazy",
+        "--database-url",
+        db_url,
+        "--param",
+        "n=1000000",
+        "--workers",
+        "4",
+        "--param",
+        "stop_after_first=1",
+        "--max-failures",
+        "0",
+        "--json",
+    )
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["status"] == "aborted" and summary["succeeded"] >= 1
     [(produced,)] = query(db_url, "SELECT produced FROM probe")
     assert produced < 10_000, f"{produced} items were produced before the first was processed"
 

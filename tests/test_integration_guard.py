@@ -1,0 +1,115 @@
+"""The guard in-process, on real databases: faster than the end-to-end tests,
+and able to look at its internals."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from helpers import query
+from sqlalchemy import exc
+
+from jobrunner import config as configmod
+from jobrunner import db as dbmod
+from jobrunner import tables
+from jobrunner.exceptions import LockHeld
+from jobrunner.locking import Guard
+
+
+def open_db(url, tmp_path):
+    config = configmod.load({"database_url": url}, environ={}, cwd=tmp_path)
+    database = dbmod.open_database(config, "job", workers=2)
+    tables.ensure_schema(database.engine)
+    return database
+
+
+@pytest.fixture
+def database(db_url, tmp_path):
+    database = open_db(db_url, tmp_path)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def pg_database(pg_url, tmp_path):
+    database = open_db(pg_url, tmp_path)
+    yield database
+    database.dispose()
+
+
+def test_second_guard_on_the_same_job_is_refused_with_the_holder(database):
+    with Guard(database, "job"):
+        with pytest.raises(LockHeld) as held:
+            with Guard(database, "job"):
+                pass
+        assert held.value.holder["pid"] == os.getpid()
+        assert str(held.value).startswith(f"job is already running (pid {os.getpid()} on ")
+        with Guard(database, "other"):  # locks are per job
+            pass
+    with Guard(database, "job"):  # released at the end of the block
+        pass
+
+
+def test_wait_gives_up_after_the_wait(database):
+    with Guard(database, "job"):
+        t0 = time.monotonic()
+        with pytest.raises(LockHeld):
+            with Guard(database, "job", wait=0.5):
+                pass
+        assert time.monotonic() - t0 >= 0.5
+
+
+def test_wait_takes_the_lock_once_freed(database):
+    holder = Guard(database, "job")
+    holder.__enter__()
+    threading.Timer(0.3, holder.release).start()
+    with Guard(database, "job", wait=10) as waiter:
+        assert waiter.check()
+
+
+@pytest.mark.postgres
+def test_row_mode_locks_an_existing_row(pg_url, pg_database):
+    with Guard(pg_database, "job"):
+        assert query(pg_url, "SELECT job FROM jobrunner_locks") == [("job",)]
+
+
+@pytest.mark.postgres
+def test_advisory_mode_excludes_too(pg_database):
+    with Guard(pg_database, "job", mode="advisory"):
+        with pytest.raises(LockHeld):
+            with Guard(pg_database, "job", mode="advisory"):
+                pass
+
+
+@pytest.mark.postgres
+def test_terminated_guard_is_noticed_by_the_heartbeat(pg_url, pg_database):
+    reasons: list[str] = []
+    with Guard(pg_database, "job", heartbeat=0.1, on_lost=reasons.append) as guard:
+        killed = query(
+            pg_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'jobrunner job lock' "
+            f"AND datname = '{pg_url.rsplit('/', 1)[1]}'",
+        )
+        assert killed == [(True,)]
+        assert guard.lost.wait(5)
+        assert not guard.check()
+    assert reasons and "connection" in reasons[0]
+
+
+def test_sqlite_busy_is_recognised(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "busy.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    engine = dbmod._sqlite_engine(str(path), pool_size=1, timeout=0)
+    try:
+        with pytest.raises(exc.OperationalError) as info, engine.begin() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        assert dbmod.is_sqlite_busy(info.value)
+    finally:
+        engine.dispose()
+        holder.close()
