@@ -157,20 +157,12 @@ def purge(database: dbmod.Database, before: datetime, job: str | None) -> tuple[
 
 def show(config: Any, job: str | None, limit: int) -> list[dict[str, Any]]:
     """``jobrunner history``: the latest runs, newest first."""
-    database = dbmod.open_database(config, job or "history")
-    try:
-        tables.ensure_schema(database.engine)
+    with tables.ready_database(config, job or "history") as database:
         return list_runs(database, job, limit)
-    finally:
-        database.dispose()
 
 
 def purge_before(config: Any, before: datetime, job: str | None) -> tuple[int, int]:
     """``jobrunner history --purge-before``; ``before`` is local time if naive."""
     cutoff = before.astimezone(UTC).replace(tzinfo=None)
-    database = dbmod.open_database(config, job or "history")
-    try:
-        tables.ensure_schema(database.engine)
+    with tables.ready_database(config, job or "history") as database:
         return purge(database, cutoff, job)
-    finally:
-        database.dispose()

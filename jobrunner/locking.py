@@ -267,9 +267,7 @@ def lock_status(config: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if not found:
         return rows
-    database = dbmod.open_database(config, "status", workers=1)
-    try:
-        tables.ensure_schema(database.engine)
+    with tables.ready_database(config, "status") as database:
         for info in found:
             section = config.job_sections.get(info.name, {})
             row: dict[str, Any] = {"job": info.name, "running": False, "holder": None}
@@ -281,6 +279,4 @@ def lock_status(config: Any) -> list[dict[str, Any]]:
                 row["running"] = holder is not None
                 row["holder"] = holder
             rows.append(row)
-    finally:
-        database.dispose()
     return rows

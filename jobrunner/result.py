@@ -23,10 +23,6 @@ class Status(enum.StrEnum):
     LOCK_LOST = "lock-lost"
     LOCKED = "locked"
 
-    @property
-    def finished_ok(self) -> bool:
-        return self is Status.SUCCEEDED
-
 
 @dataclasses.dataclass(frozen=True)
 class ItemFailure:

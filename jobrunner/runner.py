@@ -23,7 +23,7 @@ from jobrunner import db as dbmod
 from jobrunner import history, jobs, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
-from jobrunner.exceptions import ConfigError, DatabaseUnavailable, JobError, LockHeld
+from jobrunner.exceptions import ConfigError, JobError, LockHeld
 from jobrunner.executor import FanOut
 from jobrunner.locking import Guard
 from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure, RunResult, Status
@@ -103,12 +103,9 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
     job = jobs.load(config.jobs_path, config.job)
     if config.resume and job.item_key is None:
         raise JobError(f"--resume: job {job.name!r} defines no item_key(item), so it cannot be resumed")
-    database = dbmod.open_database(config, job.name, workers=config.workers)
-    try:
+    with tables.ready_database(config, job.name, workers=config.workers) as database:
         active = _Run(config, job, database, reporter or _NullReporter())
         result = active.execute()
-    finally:
-        database.dispose()
     _write_metrics(config, result, active.reporter)
     if active.abandoned:
         # Workers outlived --shutdown-timeout. The result is printed; leave
@@ -163,13 +160,6 @@ class _Run:
         started_at = datetime.now(UTC)
         t0 = time.monotonic()
         try:
-            tables.ensure_schema(self.database.engine)
-        except exc.DBAPIError as error:
-            raise DatabaseUnavailable(
-                f"cannot create jobrunner's tables: {dbmod.describe_error(error, self.database.url)}"
-            ) from None
-
-        try:
             with self._guard():
                 self._open_history()
                 with self._signals():
@@ -209,11 +199,17 @@ class _Run:
             workers=self.config.workers,
             failures=tuple(snap.failures),
             changes=self.changes.report() if self.changes else {},
-            error=self.error,
+            error=self._error_text(),
             signal=self.signal,
             run_id=self.run_id,
             resumed_from=self.resumed_from,
         )
+
+    def _error_text(self) -> str | None:
+        rolled_back = self.progress.cancelled
+        if self.error is None or not rolled_back:
+            return self.error
+        return f"{self.error} ({rolled_back} finished items were rolled back, not committed)"
 
     def _open_history(self) -> None:
         """Runs once the lock is held (or without one, under --no-lock)."""
@@ -396,7 +392,7 @@ class _Run:
             self.error = message
 
     def _lock_lost(self, reason: str) -> None:
-        self._stop(Status.LOCK_LOST, f"lock lost: {reason}; in-flight items were rolled back")
+        self._stop(Status.LOCK_LOST, f"lock lost: {reason}; nothing commits after this")
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

@@ -3,6 +3,9 @@ dry-run's change report can leave them out."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from sqlalchemy import (
     Boolean,
     Column,
@@ -12,13 +15,16 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    exc,
     func,
     inspect,
     select,
 )
 from sqlalchemy.engine import Engine
 
-from jobrunner.db import BEGIN_OPTION
+from jobrunner.config import Config
+from jobrunner.db import BEGIN_OPTION, Database, describe_error, open_database
+from jobrunner.exceptions import DatabaseUnavailable
 
 PREFIX = "jobrunner_"
 # Serialises schema creation between first runs on PostgreSQL, where two
@@ -88,3 +94,19 @@ def ensure_schema(engine: Engine) -> None:
         if conn.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         metadata.create_all(conn, checkfirst=True)
+
+
+@contextlib.contextmanager
+def ready_database(config: Config, job: str, *, workers: int = 1) -> Iterator[Database]:
+    """The database, connected and holding jobrunner's tables; disposed after."""
+    database = open_database(config, job, workers=workers)
+    try:
+        try:
+            ensure_schema(database.engine)
+        except exc.DBAPIError as error:
+            raise DatabaseUnavailable(
+                f"cannot create jobrunner's tables: {describe_error(error, database.url)}"
+            ) from None
+        yield database
+    finally:
+        database.dispose()
