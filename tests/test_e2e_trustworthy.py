@@ -203,8 +203,8 @@ def test_second_sigint_exits_at_once(spawn, write_job, db_url):
         "--workers",
         "2",
     )
-    wait_for_rows(db_url, "pairs", minimum=1)  # on SQLite: first halves are uncommitted...
-    time.sleep(0.5)
+    wait_for_rows(db_url, "jobrunner_runs")  # committed just before the first items start
+    time.sleep(0.5)  # two items are in flight, each for 20 s
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     t0 = time.monotonic()
@@ -213,6 +213,7 @@ def test_second_sigint_exits_at_once(spawn, write_job, db_url):
     assert rc == 130
     assert time.monotonic() - t0 < 3
     assert_whole_items(db_url)
+    assert query(db_url, "SELECT count(*) FROM pairs") == [(0,)], "an in-flight item was committed"
 
 
 def test_shutdown_timeout_rolls_back_slow_items(spawn, write_job, db_url):
