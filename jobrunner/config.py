@@ -144,10 +144,6 @@ class Config:
     job_sections: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
-    def safe_database_url(self) -> str:
-        return redact_url(self.database_url)
-
-    @property
     def database_password(self) -> str | None:
         match = _PASSWORD_IN_URL.match(self.database_url)
         if match is None:

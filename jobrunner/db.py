@@ -54,8 +54,14 @@ class Database:
 
     def session(self, *, read_only: bool = False) -> Session:
         """A new Session owned by the calling thread (checked at each BEGIN)."""
-        bind = self.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}) if read_only else None
-        session = self.session_factory(bind=bind) if bind is not None else self.session_factory()
+        if read_only:
+            return self._owned(self.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}))
+        return self._owned(self.engine)
+
+    def _owned(self, bind: Any) -> Session:
+        # Records the thread that made it: _check_owner refuses a transaction
+        # begun by any other.
+        session = self.session_factory(bind=bind)
         session.info["owner_thread"] = threading.get_ident()
         return session
 
@@ -66,9 +72,7 @@ class Database:
             return self.session()
         engine = _sqlite_engine(make_url(self.url).database or "", pool_size=1, timeout=timeout)
         self._extra_engines.append(engine)
-        session = self.session_factory(bind=engine)
-        session.info["owner_thread"] = threading.get_ident()
-        return session
+        return self._owned(engine)
 
     def guard_session(self, job: str) -> Session:
         """The singleton guard's session: same factory, an engine of its own.
@@ -90,9 +94,7 @@ class Database:
                 server_options=PG_SERVER_OPTIONS + " -c idle_in_transaction_session_timeout=0",
             )
         self._extra_engines.append(engine)
-        session = self.session_factory(bind=engine)
-        session.info["owner_thread"] = threading.get_ident()
-        return session
+        return self._owned(engine)
 
     def dispose(self) -> None:
         for engine in (self.engine, *self._extra_engines):

@@ -95,10 +95,8 @@ class FanOut(Generic[S]):
         self.work = work
         self.stop = stop
         self.thread_name = thread_name
-        self.dropped = 0  # queued items never started because of stop
         self.producer_error: Exception | None = None
         self._queue = _InFlight(capacity=workers)
-        self._dropped_lock = threading.Lock()
 
     def run(self, items: Iterable[Any], *, drain_timeout: float | None = None) -> bool:
         """Process everything; return False if workers were still busy after
@@ -155,9 +153,7 @@ class FanOut(Generic[S]):
                 if item is _DONE:
                     return
                 if self.stop.is_set():
-                    with self._dropped_lock:
-                        self.dropped += 1
-                    continue
+                    continue  # drained, never started
                 self.work(session, item)
         finally:
             self.close_session(session)
