@@ -12,13 +12,17 @@ from typing import Any
 
 import click
 
-from jobrunner import __version__
+from jobrunner import __version__, redaction
 from jobrunner import config as configmod
 from jobrunner.exceptions import EX_SIGINT, EX_SOFTWARE, EX_USAGE, JobrunnerError
 
 
 class JobrunnerGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        # Everything printed passes a redactor: a password that reached a
+        # message by a path nobody foresaw is still masked.
+        sys.stdout = redaction.RedactingStream(sys.stdout)  # type: ignore[assignment]
+        sys.stderr = redaction.RedactingStream(sys.stderr)  # type: ignore[assignment]
         meta: dict[str, Any] = {}
         try:
             code = super().main(args=args, prog_name=prog_name, standalone_mode=False, obj=meta, **extra)
@@ -27,14 +31,14 @@ class JobrunnerGroup(click.Group):
             _error(f"{error.format_message()} (see '{command} --help')", meta)
             code = EX_USAGE
         except click.ClickException as error:
-            _error(error.format_message(), meta)
+            _error(error.format_message(), meta, error.exit_code)
             code = error.exit_code
         except click.Abort:
             code = EX_SIGINT
         except JobrunnerError as error:
             if meta.get("debug"):
                 traceback.print_exc()
-            _error(str(error), meta)
+            _error(str(error), meta, error.exit_code)
             code = error.exit_code
         except KeyboardInterrupt:
             code = EX_SIGINT
@@ -44,20 +48,36 @@ class JobrunnerGroup(click.Group):
             _error(
                 f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
                 meta,
+                EX_SOFTWARE,
             )
             code = EX_SOFTWARE
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def _error(message: str, meta: dict[str, Any]) -> None:
-    from jobrunner.report import print_error
+def _error(message: str, meta: dict[str, Any], code: int = EX_USAGE) -> None:
+    from jobrunner import report
 
-    print_error(message, secret=meta.get("secret"))
+    report.print_error(message)
+    report.log_error(message)
+    if meta.get("json"):
+        report.print_error_json(message, code, meta.get("job"))
 
 
-def _remember_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    ctx.find_root().obj["debug"] = value
-    return value
+def _remember(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """An eager callback that records a flag for the error handler, which
+    runs after click has thrown the parsed values away."""
+
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        ctx.find_root().obj[name] = value
+        return value
+
+    return callback
+
+
+def json_option(help_text: str) -> Callable[..., Any]:
+    return click.option(
+        "--json", "json_output", is_flag=True, is_eager=True, callback=_remember("json"), help=help_text
+    )
 
 
 def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,7 +103,7 @@ def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @click.option(
         "--debug",
         is_flag=True,
-        callback=_remember_debug,
+        callback=_remember("debug"),
         expose_value=True,
         is_eager=True,
         help="Show Python tracebacks and debug logging.",
@@ -97,9 +117,8 @@ def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_config(ctx: click.Context, job: str | None = None, **flags: Any) -> configmod.Config:
     flags["config"] = flags.pop("config_file", None)
-    config = configmod.load(flags, job=job)
-    ctx.find_root().obj["secret"] = config.database_password
-    return config
+    ctx.find_root().obj["job"] = job
+    return configmod.load(flags, job=job)
 
 
 def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
@@ -140,13 +159,23 @@ def cli() -> None:
     metavar="KEY=VALUE",
     help="Passed to the job as ctx.params (repeatable).",
 )
-@click.option("--dry-run", is_flag=True, help="Run everything, commit nothing, report what would change.")
 @click.option(
-    "--json",
-    "json_output",
-    is_flag=True,
-    help="Print one JSON summary on stdout; human output goes to stderr.",
+    "-b",
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Items per transaction (default 1; a job may set BATCH_SIZE). A failed batch is "
+    "replayed one item at a time.",
 )
+@click.option(
+    "--isolation",
+    type=click.Choice(configmod.ISOLATION_LEVELS),
+    help="Isolation level of item transactions (default: repeatable_read on PostgreSQL; "
+    "SQLite is always serializable).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Run everything in one transaction, roll it back, report changes."
+)
+@json_option("Print one JSON summary on stdout (even on errors); human output goes to stderr.")
 @click.option(
     "--no-lock",
     is_flag=True,
@@ -174,6 +203,12 @@ def cli() -> None:
     type=click.FloatRange(min=0),
     metavar="SECONDS",
     help="On SIGTERM/SIGINT, how long in-flight items may finish (default 30).",
+)
+@click.option(
+    "--outage-timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How long to wait for a database that went away mid-run before stopping with 69 (default 60).",
 )
 @click.option(
     "--resume", is_flag=True, help="Skip the items an unfinished previous run committed (needs item_key)."
@@ -205,14 +240,14 @@ def run_command(
 
     jobs.check_name(job)
     config = load_config(ctx, job, params=_parse_params(params), json=json_output, **flags)
-    report.setup_logging(config, secret=config.database_password)
+    report.setup_logging(config)
     result = runner.run(config, report.make_reporter(config))
     return result.exit_code
 
 
 @cli.command("list")
 @common_options
-@click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@json_option("Print a JSON list.")
 @click.pass_context
 def list_command(ctx: click.Context, json_output: bool, **flags: Any) -> int:
     """List the jobs in the jobs folder with the first line of each docstring."""
@@ -225,14 +260,14 @@ def list_command(ctx: click.Context, json_output: bool, **flags: Any) -> int:
 
 @cli.command("status")
 @common_options
-@click.option("--json", "json_output", is_flag=True, help="Print a JSON list.")
+@json_option("Print a JSON list.")
 @click.pass_context
 def status_command(ctx: click.Context, json_output: bool, **flags: Any) -> int:
-    """Show, for each job, whether a run holds its lock now, and who."""
-    from jobrunner import locking, report
+    """Show, for each job, whether it is running now, where, and under which lock."""
+    from jobrunner import report, status
 
     config = load_config(ctx, **flags)
-    report.print_status(locking.lock_status(config), json_output=json_output)
+    report.print_status(status.job_status(config), json_output=json_output)
     return 0
 
 
@@ -242,7 +277,7 @@ def status_command(ctx: click.Context, json_output: bool, **flags: Any) -> int:
 @click.option(
     "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Show at most N runs."
 )
-@click.option("--json", "json_output", is_flag=True, help="Print a JSON list of runs.")
+@json_option("Print a JSON list of runs.")
 @click.option(
     "--purge-before",
     type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),

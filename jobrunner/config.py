@@ -1,11 +1,13 @@
 """The run's configuration: one frozen, validated value.
 
 Built once, in this order, each layer overriding the one before:
-defaults, the config file's top level, the file's ``[jobs.NAME]`` section,
-environment variables, command-line flags. Relative paths from the file (and
-the defaults) resolve against the file's folder, because cron starts jobs from
-$HOME; relative paths from flags and environment resolve against the current
-folder, as a user typing them expects.
+defaults, the config file's top level, the job module's own constants
+(``BATCH_SIZE``, ``ISOLATION``; applied once the job is loaded), the file's
+``[jobs.NAME]`` section, environment variables, command-line flags. Relative
+paths from the file (and the defaults) resolve against the file's folder,
+because cron starts jobs from $HOME; relative paths from flags and
+environment resolve against the current folder, as a user typing them
+expects. Every value remembers where it came from, so an error can say.
 
 This module imports neither SQLAlchemy nor rich: ``jobrunner list`` and
 ``--help`` must start fast.
@@ -21,16 +23,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jobrunner import redaction
 from jobrunner.exceptions import ConfigError
 
 DEFAULT_CONFIG_NAME = "jobrunner.toml"
 DEFAULT_DATABASE_URL = "sqlite:///jobrunner.db"
 LOCK_MODES = ("row", "advisory")
+ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
+# Settings a job module may default with a module-level constant.
+JOB_MODULE_DEFAULTS = {"BATCH_SIZE": "batch_size", "ISOLATION": "isolation"}
+# Settings holding a path: from the config file they resolve against its folder.
+PATH_SETTINGS = ("jobs_path", "metrics_file", "log_file")
 
 ENV_VARS = {
     "database_url": "JOBRUNNER_DATABASE_URL",
     "workers": "JOBRUNNER_WORKERS",
     "jobs_path": "JOBRUNNER_JOBS_PATH",
+    "batch_size": "JOBRUNNER_BATCH_SIZE",
 }
 CONFIG_ENV = "JOBRUNNER_CONFIG"
 
@@ -87,10 +96,13 @@ def _str(value: Any) -> str:
     return value
 
 
-def _lock_mode(value: Any) -> str:
-    if value not in LOCK_MODES:
-        raise ValueError(f"expected one of {', '.join(LOCK_MODES)}, got {value!r}")
-    return value
+def _choice(options: tuple[str, ...]):
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return check
 
 
 # key -> (validator, where it may appear: "top", "job" or "both")
@@ -99,7 +111,10 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "jobs_path": (_str, "top"),
     "workers": (_int(1), "both"),
     "no_lock": (_bool, "both"),
-    "lock": (_lock_mode, "both"),
+    "lock": (_choice(LOCK_MODES), "both"),
+    "isolation": (_choice(ISOLATION_LEVELS), "both"),
+    "batch_size": (_int(1), "both"),
+    "outage_timeout": (_float(0), "both"),
     "wait_lock": (_float(0), "both"),
     "heartbeat": (_float(0, strict=True), "both"),
     "retries": (_int(0), "both"),
@@ -121,6 +136,8 @@ class Config:
     config_file: Path | None = None
     job: str | None = None
     workers: int = 4
+    batch_size: int = 1
+    isolation: str | None = None  # None: the database's safe default (see db.py)
     no_lock: bool = False
     lock: str = "row"
     wait_lock: float = 0.0
@@ -128,6 +145,7 @@ class Config:
     retries: int = 3
     max_failures: int | None = None
     shutdown_timeout: float = 30.0
+    outage_timeout: float = 60.0
     metrics_file: str | None = None
     progress_interval: float = 30.0
     log_file: str | None = None
@@ -142,20 +160,50 @@ class Config:
     verbose: int = 0
     # every [jobs.NAME] section, for `jobrunner crontab` and `status`
     job_sections: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def database_password(self) -> str | None:
-        match = _PASSWORD_IN_URL.match(self.database_url)
-        if match is None:
-            return None
-        secret = self.database_url[match.end("head") : match.end() - 1]
-        return secret or None
+    # where each setting came from ("--workers", "environment variable ...",
+    # "<file>: key 'workers'"), for error messages; absent means the default
+    origins: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def metrics_path(self) -> Path | None:
         if not self.metrics_file:
             return None
         return Path(self.metrics_file.replace("{job}", self.job or "jobrunner"))
+
+    def origin(self, key: str) -> str:
+        """Where ``key`` was set, for an error message."""
+        return self.origins.get(key, f"the default {key}")
+
+    def with_job_defaults(self, module_values: Mapping[str, Any], where: str) -> Config:
+        """Apply a job module's own defaults (``BATCH_SIZE = 100``): they beat
+        the file's top level and the built-in defaults, and lose to the job's
+        [jobs.NAME] section, the environment and flags."""
+        changes: dict[str, Any] = {}
+        origins = dict(self.origins)
+        for key, value in module_values.items():
+            if _rank(self.origins.get(key)) >= SECTION_RANK:
+                continue
+            changes[key] = _validate(key, value, f"{where}: {key.upper()}")
+            origins[key] = f"{where}: {key.upper()}"
+        if not changes:
+            return self
+        return dataclasses.replace(self, **changes, origins=origins)
+
+
+def _rank(origin: str | None) -> int:
+    """How strong a setting's origin is: default < file < section < env < flag."""
+    if origin is None:
+        return 0
+    if origin.startswith("--"):
+        return 4
+    if origin.startswith("environment variable"):
+        return 3
+    if "[jobs." in origin:
+        return SECTION_RANK
+    return 1
+
+
+SECTION_RANK = 2
 
 
 def load(
@@ -182,27 +230,42 @@ def load(
         base = config_file.parent
 
     values: dict[str, Any] = {"database_url": DEFAULT_DATABASE_URL, "jobs_path": "jobs"}
-    origin: dict[str, Path] = {"database_url": base, "jobs_path": base}
-    values.update(file_values)
+    # A path resolves against the folder of whatever set it.
+    folder: dict[str, Path] = dict.fromkeys(("database_url", *PATH_SETTINGS), base)
+    origins: dict[str, str] = {}
+    for key, value in file_values.items():
+        values[key] = value
+        origins[key] = f"{config_file}: key {key!r}"
     if job is not None and job in sections:
-        values.update(sections[job])
+        for key, value in sections[job].items():
+            values[key] = value
+            origins[key] = f"{config_file}: [jobs.{job}] key {key!r}"
 
     for key, var in ENV_VARS.items():
         raw = environ.get(var)
         if raw is not None and raw != "":
-            values[key] = _validate(key, raw, f"environment variable {var}")
-            origin[key] = cwd
+            origins[key] = f"environment variable {var}"
+            values[key] = _validate(key, raw, origins[key])
+            folder[key] = cwd
 
     for key, value in flags.items():
         if key in SETTINGS:
-            values[key] = _validate(key, value, "--" + key.replace("_", "-"))
-            origin[key] = cwd
+            origins[key] = "--" + key.replace("_", "-")
+            values[key] = _validate(key, value, origins[key])
+            folder[key] = cwd
         else:
             values[key] = value
 
-    values["jobs_path"] = _resolve_path(values["jobs_path"], origin["jobs_path"])
-    values["database_url"] = resolve_database_url(values["database_url"], origin["database_url"])
-    return Config(config_file=config_file, job=job, job_sections=sections, **values)
+    for key in PATH_SETTINGS:
+        if values.get(key) is not None:
+            values[key] = _resolve_path(values[key], folder[key])
+            if key != "jobs_path":
+                values[key] = str(values[key])
+    url = values["database_url"]
+    redaction.register(url)
+    values["database_url"] = resolve_database_url(url, folder["database_url"], origins.get("database_url"))
+    redaction.register(values["database_url"])
+    return Config(config_file=config_file, job=job, job_sections=sections, origins=origins, **values)
 
 
 def _find_config_file(flag: str | None, environ: Mapping[str, str], cwd: Path) -> tuple[Path | None, bool]:
@@ -257,7 +320,7 @@ def _validate(key: str, value: Any, where: str) -> Any:
     try:
         return SETTINGS[key][0](value)
     except ValueError as exc:
-        raise ConfigError(f"{where}: {redact_url(str(exc))}") from None
+        raise ConfigError(f"{where}: {redaction.redact(str(exc))}") from None
 
 
 def _resolve_path(value: str | Path, base: Path) -> Path:
@@ -266,6 +329,7 @@ def _resolve_path(value: str | Path, base: Path) -> Path:
 
 
 _SCHEME = re.compile(r"^(?P<dialect>[A-Za-z0-9_]+)(\+(?P<driver>[A-Za-z0-9_]+))?://")
+SERVER_DIALECTS = {"postgresql": "psycopg2"}
 
 
 def dialect_of(url: str) -> str:
@@ -273,31 +337,35 @@ def dialect_of(url: str) -> str:
     return match.group("dialect").lower() if match else ""
 
 
-def resolve_database_url(url: str, base: Path) -> str:
-    """Check the URL's kind and make a relative SQLite file absolute against ``base``."""
+def resolve_database_url(url: str, base: Path, origin: str | None = None) -> str:
+    """Check the URL and make a relative SQLite file absolute against ``base``."""
+    shown = redaction.redact(url)
+    where = f" (from {origin})" if origin else ""
     dialect = dialect_of(url)
-    if dialect not in ("sqlite", "postgresql", "postgres"):
+    if dialect == "postgres":
+        raise ConfigError(f"database URL {shown!r}{where}: write postgresql://, not postgres://")
+    if dialect != "sqlite" and dialect not in SERVER_DIALECTS:
         raise ConfigError(
-            f"database URL {redact_url(url)!r} is not supported: "
+            f"database URL {shown!r}{where} is not supported: "
             "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB"
         )
-    if dialect == "postgres":
-        raise ConfigError(f"database URL {redact_url(url)!r}: write postgresql://, not postgres://")
     if dialect != "sqlite":
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver we
-        # ship (and test) is psycopg2.
-        if _SCHEME.match(url).group("driver") is None:  # type: ignore[union-attr]
-            return "postgresql+psycopg2://" + url.partition("://")[2]
+        _check_server_url(url, f"database URL {shown!r}{where}")
+        match = _SCHEME.match(url)
+        if match is not None and match.group("driver") is None:
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver
+            # we ship (and test) is psycopg2.
+            return f"{dialect}+{SERVER_DIALECTS[dialect]}://" + url.partition("://")[2]
         return url
     prefix, _, rest = url.partition("://")
     path, sep, query = rest.partition("?")
     if path in ("", "/", "/:memory:") or path.startswith("/file::memory:") or "mode=memory" in query:
         raise ConfigError(
-            f"database URL {url!r} is an in-memory SQLite database, which worker "
+            f"database URL {shown!r}{where} is an in-memory SQLite database, which worker "
             "threads cannot share: use a file, e.g. sqlite:///jobrunner.db"
         )
     if not path.startswith("/"):
-        raise ConfigError(f"database URL {url!r} is malformed: expected sqlite:///PATH")
+        raise ConfigError(f"database URL {shown!r}{where} is malformed: expected sqlite:///PATH")
     file_part = path[1:]
     if file_part.startswith("file:"):
         return url  # a URI filename: taken as written
@@ -305,13 +373,20 @@ def resolve_database_url(url: str, base: Path) -> str:
     return f"{prefix}:///{resolved}{sep}{query}"
 
 
-# Greedy up to the last "@" before the path: an unencoded "@" in a password
-# must not leave its tail visible.
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[A-Za-z0-9+_.-]+://[^/@:\s]*:)[^/\s]*@")
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]*")
+def _check_server_url(url: str, shown: str) -> None:
+    """What SQLAlchemy's parser would get wrong or raise on, as one line."""
+    rest = url.partition("://")[2].split("?", 1)[0]
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and "@" in userinfo:
+        raise ConfigError(f"{shown} is malformed: write an '@' inside the user or password as %40")
+    netloc = hostpart.split("/", 1)[0]
+    host, colon, port = netloc.rpartition(":") if not netloc.endswith("]") else (netloc, "", "")
+    if colon and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{shown} is malformed: port {port!r} is not a number from 1 to 65535")
+    if colon and not host:
+        raise ConfigError(f"{shown} is malformed: it names a port but no host")
 
 
 def redact_url(text: str) -> str:
     """Hide any password in a database URL inside ``text``."""
-    text = _PASSWORD_IN_URL.sub(lambda m: m.group("head") + "***@", text)
-    return _PASSWORD_PARAM.sub(r"\1***", text)
+    return redaction.redact(text)

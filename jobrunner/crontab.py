@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from jobrunner import redaction
 from jobrunner.config import Config
 from jobrunner.exceptions import ConfigError
 
@@ -26,10 +27,29 @@ def executable() -> list[str]:
     return [str(Path(sys.executable).absolute()), "-m", "jobrunner"]
 
 
+def carried_options(config: Config) -> list[str]:
+    """The settings given on this command line or in the environment, which cron
+    would not have: carried into every line, or refused if they hold a secret."""
+    carried: list[str] = []
+    for key, flag in (("jobs_path", "--jobs-path"), ("database_url", "--database-url")):
+        origin = config.origins.get(key, "")
+        if not origin.startswith(("--", "environment variable")):
+            continue
+        value = str(getattr(config, key))
+        if key == "database_url" and redaction.url_secrets(value):
+            raise ConfigError(
+                f"{origin}: the database URL holds a password, which a crontab line must not: put "
+                "database_url in the config file (or the password in ~/.pgpass) instead"
+            )
+        carried += [flag, value]
+    return carried
+
+
 def lines(config: Config) -> list[str]:
     if config.config_file is None:
         raise ConfigError("no config file: schedules live in its [jobs.NAME] sections (use --config PATH)")
     config_path = config.config_file.absolute()
+    extra = carried_options(config)
     out = [f"# jobrunner jobs scheduled in {config_path}"]
     for name, section in sorted(config.job_sections.items()):
         schedule = section.get("schedule")
@@ -37,7 +57,7 @@ def lines(config: Config) -> list[str]:
             continue
         if len(schedule.split()) != 5 and not schedule.startswith("@"):
             raise ConfigError(f"{config_path}: [jobs.{name}] schedule {schedule!r} is not a crontab schedule")
-        command = [*executable(), "run", name, "--config", str(config_path), "--quiet"]
+        command = [*executable(), "run", name, "--config", str(config_path), *extra, "--quiet"]
         # cron turns an unescaped % into a newline
         out.append(f"{schedule} {shlex.join(command)}".replace("%", "\\%"))
     return out
