@@ -7,23 +7,37 @@ read-modify-write on one row lose an update; a plain ``BEGIN`` that later
 upgrades to a write lock fails at once with SQLITE_BUSY instead of waiting.
 Taking the write lock up front makes writers queue on the busy timeout. The
 items reader uses a deferred BEGIN: in WAL mode it never blocks the writers.
+
+PostgreSQL rules: item transactions run at the job's isolation level,
+REPEATABLE READ unless the job says otherwise, so that a read-modify-write
+that races another worker fails with 40001 (and is retried) instead of
+silently losing an update. Everything else jobrunner does (the items reader,
+the lock, the history) runs at READ COMMITTED, whatever the server's or the
+role's default: none of it may hold a snapshot longer than a statement or
+take part in serialization.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, exc
+from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
-from jobrunner.config import Config, redact_url
+from jobrunner import redaction
+from jobrunner.config import Config
 from jobrunner.exceptions import ConfigError, DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 BEGIN_OPTION = "jobrunner_sqlite_begin"
+BEGAN_INFO = "jobrunner_began"
 # Client and server keepalives both (NOTES: client-only leaves the server
 # backend holding the lock for minutes after a network cut).
 PG_KEEPALIVES = {
@@ -35,6 +49,19 @@ PG_KEEPALIVES = {
 }
 PG_SERVER_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 APP_NAME_MAX = 63  # PostgreSQL truncates application_name at NAMEDATALEN - 1
+SQL_ISOLATION = {
+    "read_committed": "READ COMMITTED",
+    "repeatable_read": "REPEATABLE READ",
+    "serializable": "SERIALIZABLE",
+}
+# The safe default per database: no lost update from a read-modify-write.
+# SQLite's BEGIN IMMEDIATE serialises writers whatever the setting says.
+DEFAULT_ISOLATION = {"postgresql": "repeatable_read", "sqlite": "serializable"}
+BOOKKEEPING = "READ COMMITTED"
+# Connections a run holds at most besides its workers: the items reader, the
+# setup/history session, and a spare for a history write that overlaps a
+# checkpoint. The guard has an engine of its own (one more connection).
+EXTRA_CONNECTIONS = 3
 
 
 @dataclasses.dataclass
@@ -46,17 +73,37 @@ class Database:
     session_factory: sessionmaker[Session]
     dialect: str
     job: str
+    isolation: str
     _extra_engines: list[Engine] = dataclasses.field(default_factory=list)
+    _probe_engine: Engine | None = None
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
-    def session(self, *, read_only: bool = False) -> Session:
-        """A new Session owned by the calling thread (checked at each BEGIN)."""
-        if read_only:
-            return self._owned(self.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}))
+    def session(self) -> Session:
+        """A worker's session: writes, at the job's isolation level."""
         return self._owned(self.engine)
+
+    def reader(self) -> Session:
+        """A session for reading (the items reader, status): READ COMMITTED on a
+        server, a deferred BEGIN on SQLite (never blocks the writers)."""
+        if self.is_sqlite:
+            return self._owned(self.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}))
+        return self._owned(self.engine.execution_options(isolation_level=BOOKKEEPING))
+
+    @property
+    def own_engine(self) -> Any:
+        """The engine for jobrunner's own work (schema, history): READ COMMITTED
+        on a server, never the items' isolation (a REPEATABLE READ snapshot
+        taken before waiting on a lock would not see what the holder did)."""
+        if self.is_sqlite:
+            return self.engine
+        return self.engine.execution_options(isolation_level=BOOKKEEPING)
+
+    def bookkeeping(self) -> Session:
+        """A session for jobrunner's own rows (history, keys read at start)."""
+        return self._owned(self.own_engine)
 
     def _owned(self, bind: Any) -> Session:
         # Records the thread that made it: _check_owner refuses a transaction
@@ -69,8 +116,8 @@ class Database:
         """A session whose writes wait at most ``timeout`` s for SQLite's write
         lock: for bookkeeping while abandoned workers may still hold it."""
         if not self.is_sqlite:
-            return self.session()
-        engine = _sqlite_engine(make_url(self.url).database or "", pool_size=1, timeout=timeout)
+            return self.bookkeeping()
+        engine = _sqlite_engine(sqlite_path(self.url), pool_size=1, timeout=timeout)
         self._extra_engines.append(engine)
         return self._owned(engine)
 
@@ -78,8 +125,8 @@ class Database:
         """The singleton guard's session: same factory, an engine of its own.
 
         Its own engine gives it its own application_name, connection options
-        (no idle_in_transaction_session_timeout) and pool, so invalidating a
-        worker's pool never touches the guard's connection.
+        (no idle_in_transaction_session_timeout, READ COMMITTED) and pool, so
+        invalidating a worker's pool never touches the guard's connection.
         """
         if self.is_sqlite:
             # The lock database keeps the rollback journal: nothing reads it
@@ -92,46 +139,122 @@ class Database:
                 max_overflow=0,
                 application_name=f"jobrunner {job} lock",
                 server_options=PG_SERVER_OPTIONS + " -c idle_in_transaction_session_timeout=0",
+                isolation=BOOKKEEPING,
             )
         self._extra_engines.append(engine)
         return self._owned(engine)
 
+    def probe(self) -> None:
+        """Raise unless the database answers now (a fresh connection each time)."""
+        if self._probe_engine is None:
+            if self.is_sqlite:
+                self._probe_engine = create_engine(f"sqlite:///{sqlite_path(self.url)}", poolclass=NullPool)
+            else:
+                self._probe_engine = _postgres_engine(
+                    self.url,
+                    pool_size=1,
+                    max_overflow=0,
+                    application_name=f"jobrunner {self.job}",
+                    pool=NullPool,
+                )
+        with self._probe_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
     def dispose(self) -> None:
-        for engine in (self.engine, *self._extra_engines):
-            engine.dispose()
+        for engine in (self.engine, *self._extra_engines, self._probe_engine):
+            if engine is not None:
+                engine.dispose()
 
 
-def open_database(config: Config, job: str, *, workers: int = 1) -> Database:
-    """Create the engine and check that the database answers."""
+def open_database(config: Config, job: str, *, workers: int = 1, create: bool = True) -> Database:
+    """Create the engine and check that the database answers.
+
+    ``create=False`` (``history``, ``status``): a missing SQLite file is an
+    error naming it; nothing is created.
+    """
     url = config.database_url
+    shown = redaction.redact(url)
     try:
-        dialect = make_url(url).get_backend_name()
-    except exc.ArgumentError:
-        raise ConfigError(f"database URL {redact_url(url)!r} is malformed") from None
-    # workers + the items session + the setup/history session + spare
-    pool_size = workers + 3
+        parsed = make_url(url)
+        dialect = parsed.get_backend_name()
+    except (exc.ArgumentError, ValueError) as error:
+        raise ConfigError(f"database URL {shown!r} is malformed: {redaction.redact(str(error))}") from None
+    isolation = config.isolation or DEFAULT_ISOLATION.get(dialect, "serializable")
+    pool_size = workers + EXTRA_CONNECTIONS
     try:
         if dialect == "sqlite":
-            engine = _sqlite_engine(make_url(url).database or "", pool_size=pool_size)
+            path = sqlite_path(url)
+            check_sqlite_file(path, create=create, writes=create)
+            engine = _sqlite_engine(path, pool_size=pool_size)
         else:
             engine = _postgres_engine(
-                url, pool_size=pool_size, max_overflow=0, application_name=f"jobrunner {job}"
+                url,
+                pool_size=pool_size,
+                max_overflow=0,
+                application_name=f"jobrunner {job}",
+                isolation=SQL_ISOLATION[isolation],
             )
     except (ImportError, exc.NoSuchModuleError) as error:
-        raise ConfigError(f"database URL {redact_url(url)!r}: driver not available ({error})") from None
+        raise ConfigError(f"database URL {shown!r}: driver not available ({error})") from None
 
     factory = sessionmaker(bind=engine)
     event.listen(factory, "after_begin", _check_owner)
-    database = Database(url, engine, factory, dialect, job)
+    database = Database(url, engine, factory, dialect, job, isolation)
     try:
-        with engine.connect():
-            pass
+        with engine.connect() as conn:
+            if dialect == "postgresql" and create:
+                check_connection_slots(conn, pool_size + 1, workers, config.origin("workers"))
     except exc.DBAPIError as error:
         engine.dispose()
-        raise DatabaseUnavailable(
-            f"cannot connect to {redact_url(url)}: {describe_error(error, url)}"
-        ) from None
+        raise DatabaseUnavailable(f"cannot connect to {shown}: {describe_error(error)}") from None
+    except BaseException:
+        engine.dispose()
+        raise
     return database
+
+
+def check_connection_slots(conn: Any, needed: int, workers: int, origin: str) -> None:
+    """Refuse a run that would run out of connections mid-way.
+
+    Exit 2 when the server (or the role, or the database) can never give
+    ``needed`` connections: the configuration must change. Exit 69 when it
+    could, but other clients hold the slots now: a later run may succeed.
+    """
+    row = conn.execute(
+        text(
+            "SELECT current_setting('max_connections')::int,"
+            " current_setting('superuser_reserved_connections')::int,"
+            " coalesce(current_setting('reserved_connections', true), '0')::int,"
+            " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),"
+            " (SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user),"
+            " (SELECT datconnlimit FROM pg_database WHERE datname = current_database()),"
+            " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),"
+            " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            "   AND usename = current_user),"
+            " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            "   AND datname = current_database())"
+        )
+    ).one()
+    max_conn, su_reserved, reserved, is_super, role_limit, db_limit, used, used_role, used_db = row
+    usable = max_conn - (0 if is_super else su_reserved + reserved)
+    limits = [(usable, used, f"the server allows {usable} connections (max_connections {max_conn})")]
+    if role_limit is not None and role_limit >= 0 and not is_super:
+        limits.append((role_limit, used_role, f"the role's connection limit is {role_limit}"))
+    if db_limit is not None and db_limit >= 0:
+        limits.append((db_limit, used_db, f"the database's connection limit is {db_limit}"))
+    # This check's own connection is one of the run's, so it is not counted twice.
+    for limit, in_use, what in limits:
+        if needed > limit:
+            raise ConfigError(
+                f"{origin} {workers} needs {needed} database connections (workers + {needed - workers} "
+                f"for the items reader, bookkeeping and the lock), but {what}: use fewer workers"
+            )
+        free = limit - in_use + 1
+        if needed > free:
+            raise DatabaseUnavailable(
+                f"{origin} {workers} needs {needed} database connections, but only {free} are free now "
+                f"({what}, {in_use - 1} in use by other clients): try later or with fewer workers"
+            )
 
 
 def _check_owner(session: Session, transaction: Any, connection: Any) -> None:
@@ -140,6 +263,39 @@ def _check_owner(session: Session, transaction: Any, connection: Any) -> None:
     owner = session.info.get("owner_thread")
     if owner is not None and owner != threading.get_ident():
         raise RuntimeError("a jobrunner Session was used by a thread other than its owner")
+
+
+def sqlite_path(url: str) -> str:
+    return make_url(url).database or ""
+
+
+def check_sqlite_file(path: str, *, create: bool, writes: bool = True) -> None:
+    """Fail early, with the file or folder named, rather than deep inside SQLite
+    (and before SQLite leaves -wal/-shm files beside a file it cannot use)."""
+    if path.startswith("file:"):
+        return  # a URI filename: SQLite decides
+    file = Path(path)
+    folder = file.parent
+    if not folder.is_dir():
+        raise ConfigError(f"SQLite database {file}: the folder {folder} does not exist")
+    if not file.exists():
+        if not create:
+            raise ConfigError(f"SQLite database {file} does not exist (nothing has run against it yet)")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"SQLite database {file} cannot be created: the folder {folder} is read-only")
+        return
+    if file.is_dir():
+        raise ConfigError(f"SQLite database {file} is a folder, not a file")
+    if not os.access(file, os.R_OK):
+        raise ConfigError(f"SQLite database {file} cannot be read (permission denied)")
+    if writes:
+        if not os.access(file, os.W_OK):
+            raise ConfigError(f"SQLite database {file} is read-only: jobrunner needs to write to it")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"SQLite database {file}: its folder {folder} is read-only, and SQLite needs to "
+                "create its -wal and -shm files (and the job's lock file) there"
+            )
 
 
 def _sqlite_engine(
@@ -167,6 +323,8 @@ def _sqlite_engine(
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(BEGIN_OPTION, "IMMEDIATE")
         conn.exec_driver_sql(f"BEGIN {mode}")
+        # From here a writer holds the database's one write lock (see transaction.py's watch).
+        conn.info[BEGAN_INFO] = time.monotonic()
 
     return engine
 
@@ -178,51 +336,41 @@ def _postgres_engine(
     max_overflow: int,
     application_name: str,
     server_options: str = PG_SERVER_OPTIONS,
+    isolation: str = BOOKKEEPING,
+    pool: Any = None,
 ) -> Engine:
+    kwargs: dict[str, Any] = (
+        {"poolclass": pool}
+        if pool is not None
+        else {
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "pool_timeout": 30,
+        }
+    )
     return create_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_timeout=30,
+        isolation_level=isolation,
         connect_args={
             **PG_KEEPALIVES,
             "application_name": application_name[:APP_NAME_MAX],
             "options": server_options,
             "connect_timeout": 10,
         },
+        **kwargs,
     )
 
 
 def lock_database_path(url: str, job: str) -> str:
     """``<db>.<job>.lock`` beside the SQLite database file."""
-    database = make_url(url).database or ""
-    return f"{database}.{job}.lock"
+    return f"{sqlite_path(url)}.{job}.lock"
 
 
 def describe_error(error: BaseException, url: str | None = None) -> str:
     """One line about a database error, without SQL, parameters or passwords."""
     orig = getattr(error, "orig", None) or error
     lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(orig).__name__
-    text = redact_url(text)
-    password = make_url(url).password if url else None
-    if password:
-        text = text.replace(str(password), "***")
-    return text
-
-
-def sqlstate(error: BaseException) -> str | None:
-    """The PostgreSQL SQLSTATE of a DBAPI error, or None."""
-    orig = getattr(error, "orig", None)
-    diag = getattr(orig, "diag", None)
-    return getattr(diag, "sqlstate", None) or getattr(orig, "pgcode", None)
-
-
-def is_sqlite_busy(error: BaseException) -> bool:
-    orig = getattr(error, "orig", None)
-    name = getattr(orig, "sqlite_errorname", "")
-    return (
-        name.startswith("SQLITE_BUSY")
-        or name.startswith("SQLITE_LOCKED")
-        or ("database is locked" in str(orig))
-    )
+    text_ = lines[0] if lines else type(orig).__name__
+    if url:
+        redaction.register(url)
+    return redaction.redact(text_)

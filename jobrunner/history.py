@@ -1,8 +1,11 @@
 """The run history (``jobrunner_runs``) and the keys that make --resume work.
 
 History rows are written by the main thread in short transactions of their
-own, never inside an item's transaction. If they cannot be written the run
-goes on and says so: bookkeeping must not stop the work.
+own, never inside an item's transaction: at the start, at a checkpoint every
+few seconds (so a run that dies shows what it had committed), and at the
+end. A write that finds the database gone waits for it like the workers do,
+within the outage bound. If a write still fails, the run goes on and says so:
+bookkeeping must not stop the work.
 """
 
 from __future__ import annotations
@@ -11,64 +14,148 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, desc, insert, select, update
+from sqlalchemy import and_, delete, desc, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobrunner import db as dbmod
 from jobrunner import tables
+from jobrunner.outage import Kind, Outage, classify
 from jobrunner.result import RunResult, Status
 
 log = logging.getLogger("jobrunner")
-UNFINISHED = (Status.FAILED, Status.ABORTED, Status.INTERRUPTED, Status.CRASHED, Status.LOCK_LOST)
+UNFINISHED = (
+    Status.FAILED,
+    Status.ABORTED,
+    Status.INTERRUPTED,
+    Status.CRASHED,
+    Status.LOCK_LOST,
+    Status.UNAVAILABLE,
+)
+COUNTS = ("succeeded", "failed", "retried", "skipped", "replayed", "rolled_back", "commits")
+CRASHED_NOTE = (
+    "its end was never recorded: the process was killed, or the database was unreachable "
+    "when it ended; the counts are those of its last checkpoint"
+)
+
+
+NO_LOCK_STALE_S = 15 * 60
+CHECKPOINT_S = 5.0
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def locked(runs: Any) -> Any:
+    """Rows of runs that held the job's lock (rows older than the column did)."""
+    return or_(runs.c.lock.is_(None), runs.c.lock != "none")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunRecorder:
     """Writes one run's history row; every failure becomes a notice."""
 
-    def __init__(self, database: dbmod.Database, job: str, notice: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        database: dbmod.Database,
+        job: str,
+        notice: Callable[[str], None],
+        outage: Outage | None = None,
+    ) -> None:
         self.database = database
         self.job = job
         self.notice = notice
+        self.outage = outage
         self.run_id: int | None = None
 
     def _write(self, what: str, action: Callable[[Any], Any], *, patient: bool = True) -> Any:
-        try:
-            session = self.database.session() if patient else self.database.impatient_session(2.0)
-            with session, session.begin():
-                return action(session)
-        except SQLAlchemyError as error:
-            self.notice(f"cannot {what} in the run history: {dbmod.describe_error(error, self.database.url)}")
-            return None
+        """Run ``action`` in a transaction of its own. Patient: wait out an outage
+        (within the bound). Impatient (checkpoints): give up at once, quietly;
+        the next checkpoint will do."""
+        while True:
+            try:
+                session = self.database.bookkeeping() if patient else self.database.impatient_session(2.0)
+                with session, session.begin():
+                    return action(session)
+            except SQLAlchemyError as error:
+                if patient and self.outage is not None and classify(error) is Kind.GONE:
+                    if self.outage.wait(error):
+                        continue
+                message = f"cannot {what} in the run history: {dbmod.describe_error(error)}"
+                if patient:
+                    self.notice(message)
+                else:
+                    log.info("%s", message)
+                return None
 
-    def mark_crashed(self) -> int:
-        """Runs of this job still 'running' died without a word: we hold the lock now."""
+    def mark_crashed(self, *, holding_lock: bool) -> int:
+        """Mark the runs of this job that ended without a word.
+
+        Holding the job's lock, every other 'running' locked run is dead. A run
+        under --no-lock proves nothing by running, so --no-lock rows are marked
+        only when they show no sign of life: a process gone from this host, or
+        no checkpoint for ``NO_LOCK_STALE_S``.
+        """
+        runs = tables.runs
+        where = [runs.c.job == self.job, runs.c.status == Status.RUNNING.value]
+        dead = [runs.c.id.in_(self._dead_no_lock_runs())]
+        if holding_lock:
+            dead.append(locked(runs))
         statement = (
-            update(tables.runs)
-            .where(tables.runs.c.job == self.job, tables.runs.c.status == Status.RUNNING.value)
-            .values(
-                status=Status.CRASHED.value, error="the process died while running (found by a later run)"
-            )
+            update(runs).where(*where, or_(*dead)).values(status=Status.CRASHED.value, error=CRASHED_NOTE)
         )
         count = self._write("mark crashed runs", lambda s: s.execute(statement).rowcount)
         return count or 0
 
-    def start(self, *, dry_run: bool, workers: int, resumed_from: int | None) -> int | None:
+    def _dead_no_lock_runs(self) -> list[int]:
+        runs = tables.runs
+        host = socket.gethostname()
+        stale = utcnow() - timedelta(seconds=NO_LOCK_STALE_S)
+        try:
+            with self.database.reader() as session:
+                rows = session.execute(
+                    select(runs.c.id, runs.c.host, runs.c.pid, runs.c.checkpoint_at).where(
+                        runs.c.job == self.job, runs.c.status == Status.RUNNING.value, runs.c.lock == "none"
+                    )
+                ).all()
+        except SQLAlchemyError:
+            return []
+        return [
+            row.id
+            for row in rows
+            if (row.host == host and not pid_alive(row.pid))
+            or (row.checkpoint_at is not None and row.checkpoint_at < stale)
+        ]
+
+    def start(
+        self, *, dry_run: bool, workers: int, batch_size: int, lock: str, resumed_from: int | None
+    ) -> int | None:
+        now = utcnow()
         values = {
             "job": self.job,
             "status": Status.RUNNING.value,
             "dry_run": dry_run,
-            "started_at": utcnow(),
+            "started_at": now,
+            "checkpoint_at": now,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "workers": workers,
+            "batch_size": batch_size,
+            "lock": lock,
             "resumed_from": resumed_from,
+            **dict.fromkeys(COUNTS, 0),
         }
         self.run_id = self._write(
             "record this run",
@@ -78,23 +165,67 @@ class RunRecorder:
         )
         return self.run_id
 
-    def finish(self, result: RunResult, *, patient: bool = True) -> None:
+    def checkpoint(self, counts: dict[str, Any]) -> None:
+        """Bring the row's counts up to date (the main thread, every few seconds)."""
         if self.run_id is None:
             return
+        statement = (
+            update(tables.runs)
+            .where(tables.runs.c.id == self.run_id, tables.runs.c.status == Status.RUNNING.value)
+            .values(checkpoint_at=utcnow(), **{k: counts[k] for k in COUNTS})
+        )
+        # Impatient: a checkpoint is skipped rather than queue behind the workers.
+        self._write("record a checkpoint", lambda s: s.execute(statement), patient=False)
+
+    def still_ours(self) -> bool:
+        """After the lock was lost and taken again: did another run of the job
+        take it meanwhile? (It would have marked this run crashed, and started
+        a row of its own.)"""
+        runs = tables.runs
+        with self.database.bookkeeping() as session:
+            status = session.scalar(select(runs.c.status).where(runs.c.id == self.run_id))
+            later = session.scalar(
+                select(runs.c.id)
+                .where(runs.c.job == self.job, runs.c.id > self.run_id, locked(runs))
+                .limit(1)
+            )
+        return status == Status.RUNNING.value and later is None
+
+    def finish(self, result: RunResult, *, patient: bool = True) -> bool:
+        if self.run_id is None:
+            return False
         statement = (
             update(tables.runs)
             .where(tables.runs.c.id == self.run_id)
             .values(
                 status=result.status.value,
                 finished_at=utcnow(),
-                succeeded=result.succeeded,
-                failed=result.failed,
-                retried=result.retried,
-                skipped=result.skipped,
+                checkpoint_at=utcnow(),
                 error=result.error,
+                **{k: getattr(result, k) for k in COUNTS},
             )
         )
-        self._write("record the end of this run", lambda s: s.execute(statement), patient=patient)
+        done = self._write("record the end of this run", lambda s: s.execute(statement), patient=patient)
+        return done is not None
+
+
+class KeyRecorder:
+    """Resume keys of one run, written in each chunk's own transaction."""
+
+    def __init__(self, run_id: int, item_key: Callable[[Any], Any]) -> None:
+        self.run_id = run_id
+        self.item_key = item_key
+
+    def record(self, session: Any, items: list[Any]) -> None:
+        rows = [{"run_id": self.run_id, "key": str(self.item_key(item))} for item in items]
+        session.execute(insert(tables.item_keys), rows)
+
+    def committed(self, session: Any, item: Any) -> bool:
+        keys = tables.item_keys
+        found = session.scalar(
+            select(keys.c.key).where(keys.c.run_id == self.run_id, keys.c.key == str(self.item_key(item)))
+        )
+        return found is not None
 
 
 def resume_point(database: dbmod.Database, job: str, before: int | None) -> tuple[int | None, list[int]]:
@@ -105,7 +236,7 @@ def resume_point(database: dbmod.Database, job: str, before: int | None) -> tupl
     )
     if before is not None:
         query = query.where(runs.c.id < before)
-    with database.session(read_only=True) as session:
+    with database.bookkeeping() as session:
         latest = session.execute(query.order_by(desc(runs.c.id)).limit(1)).first()
         if latest is None or Status(latest.status) not in UNFINISHED:
             return None, []
@@ -122,15 +253,11 @@ def committed_keys(database: dbmod.Database, run_ids: list[int]) -> set[str]:
     producer never queries per item."""
     if not run_ids:
         return set()
-    with database.session(read_only=True) as session:
+    with database.bookkeeping() as session:
         rows = session.execute(
             select(tables.item_keys.c.key).where(tables.item_keys.c.run_id.in_(run_ids))
         ).yield_per(10_000)
         return {key for (key,) in rows}
-
-
-def record_key(session: Any, run_id: int, key: str) -> None:
-    session.execute(insert(tables.item_keys).values(run_id=run_id, key=key))
 
 
 def list_runs(database: dbmod.Database, job: str | None, limit: int) -> list[dict[str, Any]]:
@@ -138,7 +265,15 @@ def list_runs(database: dbmod.Database, job: str | None, limit: int) -> list[dic
     query = select(runs).order_by(desc(runs.c.started_at), desc(runs.c.id)).limit(limit)
     if job is not None:
         query = query.where(runs.c.job == job)
-    with database.session(read_only=True) as session:
+    with database.reader() as session:
+        return [dict(row) for row in session.execute(query).mappings()]
+
+
+def running(database: dbmod.Database) -> list[dict[str, Any]]:
+    """Runs whose rows say 'running', newest first (live or not: see ``status.py``)."""
+    runs = tables.runs
+    query = select(runs).where(runs.c.status == Status.RUNNING.value).order_by(desc(runs.c.id))
+    with database.reader() as session:
         return [dict(row) for row in session.execute(query).mappings()]
 
 
@@ -148,21 +283,21 @@ def purge(database: dbmod.Database, before: datetime, job: str | None) -> tuple[
     condition = [runs.c.started_at < before, runs.c.status != Status.RUNNING.value]
     if job is not None:
         condition.append(runs.c.job == job)
-    with database.session() as session, session.begin():
-        ids = select(runs.c.id).where(*condition)
+    with database.bookkeeping() as session, session.begin():
+        ids = select(runs.c.id).where(and_(*condition))
         keys = session.execute(delete(tables.item_keys).where(tables.item_keys.c.run_id.in_(ids))).rowcount
         count = session.execute(delete(runs).where(*condition)).rowcount
     return count, keys
 
 
 def show(config: Any, job: str | None, limit: int) -> list[dict[str, Any]]:
-    """``jobrunner history``: the latest runs, newest first."""
-    with tables.ready_database(config, job or "history") as database:
-        return list_runs(database, job, limit)
+    """``jobrunner history``: the latest runs, newest first. Creates nothing."""
+    with tables.existing_database(config, job or "history") as database:
+        return list_runs(database, job, limit) if database is not None else []
 
 
 def purge_before(config: Any, before: datetime, job: str | None) -> tuple[int, int]:
     """``jobrunner history --purge-before``; ``before`` is local time if naive."""
     cutoff = before.astimezone(UTC).replace(tzinfo=None)
-    with tables.ready_database(config, job or "history") as database:
-        return purge(database, cutoff, job)
+    with tables.existing_database(config, job or "history") as database:
+        return purge(database, cutoff, job) if database is not None else (0, 0)

@@ -1,7 +1,9 @@
 """Finding and loading job modules from the jobs folder.
 
 A job is ``<jobs folder>/<name>.py`` defining ``items(ctx, session)`` and
-``process(ctx, session, item)``; optional hooks are listed in ``HOOKS``.
+``process(ctx, session, item)`` (or ``process_batch(ctx, session, items)``);
+optional hooks are listed in ``HOOKS``, and module-level defaults for its
+settings in ``config.JOB_MODULE_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from jobrunner.config import JOB_MODULE_DEFAULTS
 from jobrunner.exceptions import JobError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-REQUIRED = ("items", "process")
 # setup(ctx, session): once, before items(), in its own committed transaction
 # count(ctx, session) -> int: the number of items, for the progress bar
 # item_key(item) -> str: makes the job resumable (--resume)
-HOOKS = ("setup", "count", "item_key")
+# prepare(ctx, item) -> value: in the worker, before the item's transaction;
+#   process gets the value (slow work that needs no database goes here)
+# process_batch(ctx, session, items): a whole chunk at once (--batch-size > 1)
+HOOKS = ("setup", "count", "item_key", "prepare", "process", "process_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +47,14 @@ class Job:
     path: Path
     module: ModuleType
     items: Callable[..., Iterable[Any]]
-    process: Callable[..., None]
+    process: Callable[..., None] | None = None
     setup: Callable[..., None] | None = None
     count: Callable[..., int] | None = None
     item_key: Callable[[Any], str] | None = None
+    prepare: Callable[..., Any] | None = None
+    process_batch: Callable[..., None] | None = None
+    # module-level defaults for settings ({"batch_size": 100}), see config.JOB_MODULE_DEFAULTS
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def check_name(name: str) -> str:
@@ -103,16 +112,25 @@ def load(jobs_path: Path, name: str) -> Job:
         sys.modules.pop(module_name, None)
         raise JobError(f"job {name!r} failed to import: {_where(exc, path)}") from exc
 
-    missing = [attr for attr in REQUIRED if not callable(getattr(module, attr, None))]
+    missing = [] if callable(getattr(module, "items", None)) else ["items()"]
+    if not callable(getattr(module, "process", None)) and not callable(
+        getattr(module, "process_batch", None)
+    ):
+        missing.append("process() or process_batch()")
     if missing:
-        raise JobError(f"job {name!r} ({path}) does not define {' and '.join(missing)}()")
+        raise JobError(f"job {name!r} ({path}) does not define {' and '.join(missing)}")
     hooks = {}
     for hook in HOOKS:
         value = getattr(module, hook, None)
         if value is not None and not callable(value):
             raise JobError(f"job {name!r} ({path}): {hook} must be a function")
         hooks[hook] = value
-    return Job(name, path, module, module.items, module.process, **hooks)
+    defaults = {
+        key: getattr(module, constant)
+        for constant, key in JOB_MODULE_DEFAULTS.items()
+        if getattr(module, constant, None) is not None
+    }
+    return Job(name, path, module, module.items, defaults=defaults, **hooks)
 
 
 def _where(exc: BaseException, path: Path) -> str:

@@ -1,29 +1,35 @@
-"""The singleton guard: one run per job at a time.
+"""The right to commit: the singleton guard, its heartbeat, taking the lock
+again after an outage, and the fence every commit asks.
 
 A dedicated session (from the run's session factory, on an engine of its own)
 holds a lock in an open transaction for the whole run. Nothing is leased or
 expires: the lock ends with that transaction, at the end of the run, or when
 the database sees the process die.
 
-- PostgreSQL, ``lock = "row"`` (default): ``SELECT ... FOR UPDATE NOWAIT`` on
-  the job's row of ``jobrunner_locks``. The row is inserted first in a
-  transaction of its own: a lock on a missing row excludes no one, and an
-  upsert inside the guard transaction would block a second starter instead
-  of failing it.
+- PostgreSQL, ``lock = "row"`` (default): the job's row of ``jobrunner_locks``
+  locked ``FOR UPDATE SKIP LOCKED``. The row is inserted first in a
+  transaction of its own (a lock on a missing row excludes no one), so "no
+  row returned" can only mean "someone holds it". SKIP LOCKED rather than
+  NOWAIT: a held lock is an answer, not an error in the server's log.
 - PostgreSQL, ``lock = "advisory"``: ``pg_try_advisory_xact_lock`` in the same
   kind of open transaction. Same exclusion and crash release, but the
   transaction takes no xid, so it does not hold back VACUUM on a long run.
 - SQLite: ``with_for_update()`` compiles to a plain SELECT there, and an open
   write transaction on the main database would block every worker. So the
   guard holds ``BEGIN IMMEDIATE`` on a small lock database beside the main
-  file (``<db>.<job>.lock``), opened with no busy timeout: a second starter
-  gets SQLITE_BUSY at once, and the operating system drops the file lock when
-  the process dies.
+  file (``<db>.<job>.lock``), opened with no busy timeout.
+
+The guard's transaction runs at READ COMMITTED whatever the server's
+default, so it never holds a snapshot or takes part in serialization.
 
 One thread owns the guard session from acquisition to release and heartbeats
 it; no other thread touches it. A failed heartbeat, or a changed backend pid
-(a session that silently reconnected no longer holds the lock), marks the
-lock lost; it is never rolled back and retried.
+(a session that silently reconnected no longer holds the lock), puts the lock
+in doubt: no commit may happen from then on. The guard then tries, within the
+outage bound, to take the lock again on a new connection; it keeps it only if
+no other run of the job started meanwhile (the run's history says), and
+every transaction begun before the retake is redone. Otherwise the lock is
+lost and the run stops (exit 69).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -44,9 +51,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.exceptions import DatabaseUnavailable, JobrunnerError, LockHeld
+from jobrunner.outage import Kind, classify, is_sqlite_busy
+from jobrunner.stop import Stop
+from jobrunner.transaction import Verdict
 
 POLL_INTERVAL_S = 0.1
-LOCK_NOT_AVAILABLE = "55P03"
+RETAKE_BACKOFF_CAP_S = 2.0
 
 
 def advisory_key(job: str) -> int:
@@ -57,8 +67,10 @@ def advisory_key(job: str) -> int:
 class Guard:
     """Hold the job's lock for the ``with`` block; raise :class:`LockHeld` if taken.
 
-    ``lost`` becomes set, and ``on_lost(reason)`` is called, if the lock is
-    lost while held.
+    ``lost`` becomes set, and ``on_lost(reason)`` is called, once the lock is
+    lost for good. ``may_retake()``, when given, is asked after the lock was
+    taken again following a failed heartbeat: False means another run may
+    have worked meanwhile, and the lock counts as lost.
     """
 
     def __init__(
@@ -71,6 +83,9 @@ class Guard:
         heartbeat: float = 1.0,
         on_lost: Callable[[str], None] | None = None,
         record_holder: bool = True,
+        may_retake: Callable[[], bool] | None = None,
+        retake_within: float = 0.0,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         self.database = database
         self.job = job
@@ -79,8 +94,15 @@ class Guard:
         self.heartbeat = heartbeat
         self.on_lost = on_lost
         self.record_holder = record_holder
+        self.may_retake = may_retake
+        self.retake_within = retake_within
+        self.notice = notice or (lambda _text: None)
         self.lost = threading.Event()
         self.lost_reason: str | None = None
+        self.retakes = 0
+        self._in_doubt = False
+        self._beat_at = 0.0
+        self._cond = threading.Condition()
         self._acquired = threading.Event()
         self._release = threading.Event()
         self._error: BaseException | None = None
@@ -106,50 +128,130 @@ class Guard:
 
     def release(self, timeout: float = 10.0) -> None:
         self._release.set()
+        with self._cond:
+            self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def check(self) -> bool:
-        """True while the lock is held. Workers call this before each commit."""
-        return not self.lost.is_set()
+        """True while the lock is held (and not in doubt)."""
+        return not self.lost.is_set() and not self._in_doubt
+
+    # -- the fence: asked by every worker before each commit -----------------
+    def epoch(self) -> int:
+        return self.retakes
+
+    def verdict(self, epoch: int) -> Verdict:
+        """COMMIT while the lock is held and was last confirmed recently;
+        REDO if it was retaken since ``epoch``; ABANDON once it is lost.
+
+        "Recently": within two heartbeats. A process that was frozen (SIGSTOP,
+        a paused VM) may have lost its lock while it slept; its workers wait
+        here for a fresh heartbeat rather than commit on stale knowledge.
+        """
+        stale_after = 2 * self.heartbeat + 0.5
+        with self._cond:
+            while True:
+                if self.lost.is_set():
+                    return Verdict.ABANDON
+                fresh = time.monotonic() - self._beat_at <= stale_after
+                if not self._in_doubt and fresh:
+                    return Verdict.REDO if epoch != self.retakes else Verdict.COMMIT
+                if self._release.is_set():
+                    return Verdict.ABANDON
+                self._cond.wait(0.1)
 
     # -- the guard thread ---------------------------------------------------
     def _own(self) -> None:
-        session = None
         try:
-            session = self.database.guard_session(self.job)
-            backend = self._acquire(session)
-            if self.record_holder:
-                self._write_holder()
+            session, backend = self._take(wait=self.wait)
         except BaseException as error:  # noqa: BLE001 - handed to the owner thread
             self._error = _as_jobrunner_error(error, self.database.url)
-            if session is not None:
-                _close_quietly(session)
             self._acquired.set()
             return
+        self._beaten()
         self._acquired.set()
         try:
             while not self._release.wait(self.heartbeat):
-                if not self._beat(session, backend):
+                reason = self._beat(session, backend)
+                if reason is None:
+                    self._beaten()
+                    continue
+                _close_quietly(session)
+                session, backend = None, None
+                session, backend = self._retake(reason)
+                if session is None:
                     return
             try:
                 session.rollback()  # ends the transaction: the lock is released
             except exc.DBAPIError:
                 pass
         finally:
-            _close_quietly(session)
+            if session is not None:
+                _close_quietly(session)
 
-    def _acquire(self, session: Any) -> Any:
-        deadline = time.monotonic() + self.wait
-        if self.mode == "row":
-            self._ensure_row(session)
-        while True:
-            if self._try_lock(session):
-                return self._backend_id(session)
-            session.rollback()
-            if time.monotonic() >= deadline:
-                raise LockHeld(self.job, read_holder(self.database, self.job))
-            time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+    def _take(self, *, wait: float) -> tuple[Any, Any]:
+        """A new guard session holding the lock, and its backend pid."""
+        session = self.database.guard_session(self.job)
+        try:
+            deadline = time.monotonic() + wait
+            if self.mode == "row":
+                self._ensure_row(session)
+            while not self._try_lock(session):
+                session.rollback()
+                if time.monotonic() >= deadline:
+                    raise LockHeld(self.job, read_holder(self.database, self.job))
+                time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            backend = self._backend_id(session)
+            if self.record_holder:
+                self._write_holder()
+            return session, backend
+        except BaseException:
+            _close_quietly(session)
+            raise
+
+    def _retake(self, reason: str) -> tuple[Any, Any]:
+        """After a failed heartbeat: take the lock again, or declare it lost."""
+        with self._cond:
+            self._in_doubt = True
+        if self.may_retake is None:
+            self._mark_lost(reason)
+            return None, None
+        self.notice(f"lock in doubt ({reason}): nothing commits until it is taken again")
+        deadline = time.monotonic() + self.retake_within
+        delay = POLL_INTERVAL_S
+        while not self._release.is_set():
+            try:
+                session, backend = self._take(wait=0)
+            except LockHeld as held:
+                self._mark_lost(f"{reason}; meanwhile {held}")
+                return None, None
+            except exc.DBAPIError as error:
+                if classify(error) is Kind.GONE and time.monotonic() < deadline:
+                    self._release.wait(delay)
+                    delay = min(RETAKE_BACKOFF_CAP_S, delay * 2)
+                    continue
+                self._mark_lost(f"{reason}; it could not be taken again: {dbmod.describe_error(error)}")
+                return None, None
+            if not self._still_ours():
+                _close_quietly(session)
+                self._mark_lost(f"{reason}; another run of {self.job} started while it was lost")
+                return None, None
+            with self._cond:
+                self.retakes += 1
+                self._in_doubt = False
+                self._beat_at = time.monotonic()
+                self._cond.notify_all()
+            self.notice("lock taken again: work that was in flight is redone")
+            return session, backend
+        self._mark_lost(reason)
+        return None, None
+
+    def _still_ours(self) -> bool:
+        try:
+            return bool(self.may_retake and self.may_retake())
+        except Exception:  # noqa: BLE001 - cannot tell: then it is not ours
+            return False
 
     def _ensure_row(self, session: Any) -> None:
         insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
@@ -157,44 +259,33 @@ class Guard:
         session.commit()
 
     def _try_lock(self, session: Any) -> bool:
-        try:
-            if self.mode == "file":
-                session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE, no busy timeout
-                return True
-            if self.mode == "advisory":
-                return bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(self.job)))))
-            session.execute(
-                select(tables.locks.c.job).where(tables.locks.c.job == self.job).with_for_update(nowait=True)
-            ).one()
-            return True
-        except exc.OperationalError as error:
-            if dbmod.sqlstate(error) == LOCK_NOT_AVAILABLE or (
-                self.mode == "file" and dbmod.is_sqlite_busy(error)
-            ):
-                return False
-            raise
+        return try_lock(session, self.job, self.mode)
 
     def _backend_id(self, session: Any) -> Any:
         if self.mode == "file":
             return None
         return session.scalar(select(func.pg_backend_pid()))
 
-    def _beat(self, session: Any, backend: Any) -> bool:
+    def _beat(self, session: Any, backend: Any) -> str | None:
+        """None if the lock is still held, else why not."""
         try:
             current = session.scalar(text("SELECT 1") if backend is None else select(func.pg_backend_pid()))
         except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
-            self._mark_lost(
-                f"the lock's database connection failed: {dbmod.describe_error(error, self.database.url)}"
-            )
-            return False
+            return f"the lock's database connection failed: {dbmod.describe_error(error)}"
         if backend is not None and current != backend:
-            self._mark_lost("the lock's database connection was replaced")
-            return False
-        return True
+            return "the lock's database connection was replaced"
+        return None
+
+    def _beaten(self) -> None:
+        with self._cond:
+            self._beat_at = time.monotonic()
+            self._cond.notify_all()
 
     def _mark_lost(self, reason: str) -> None:
         self.lost_reason = reason
-        self.lost.set()
+        with self._cond:
+            self.lost.set()
+            self._cond.notify_all()
         if self.on_lost is not None:
             self.on_lost(reason)
 
@@ -207,14 +298,54 @@ class Guard:
         dialect = postgresql if not self.database.is_sqlite else sqlite
         statement = dialect.insert(tables.lock_holders).values(job=self.job, **values)
         statement = statement.on_conflict_do_update(index_elements=["job"], set_=values)
-        with self.database.session() as session, session.begin():
+        with self.database.bookkeeping() as session, session.begin():
             session.execute(statement)
+
+
+def try_lock(session: Any, job: str, mode: str) -> bool:
+    """Take the job's lock in ``session``'s transaction if it is free; never waits."""
+    try:
+        if mode == "file":
+            session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE, no busy timeout
+            return True
+        if mode == "advisory":
+            return bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(job)))))
+        row = session.execute(
+            select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(skip_locked=True)
+        ).first()
+        return row is not None
+    except exc.OperationalError as error:
+        if mode == "file" and is_sqlite_busy(error):
+            return False
+        raise
+
+
+class RunFence:
+    """What a worker asks before each commit: the guard (if any), plus the
+    run's own reasons to commit nothing more (a lost lock, an outage past its
+    bound, workers abandoned after the shutdown timeout)."""
+
+    def __init__(self, guard: Guard | None, stop: Stop) -> None:
+        self.guard = guard
+        self.stop = stop
+        self.closed = threading.Event()
+
+    def epoch(self) -> int:
+        return self.guard.epoch() if self.guard is not None else 0
+
+    def verdict(self, epoch: int) -> Verdict:
+        if self.closed.is_set() or self.stop.fatal:
+            return Verdict.ABANDON
+        verdict = self.guard.verdict(epoch) if self.guard is not None else Verdict.COMMIT
+        if self.closed.is_set():
+            return Verdict.ABANDON
+        return verdict
 
 
 def read_holder(database: dbmod.Database, job: str) -> dict[str, Any]:
     """Who last took the job's lock: host, pid, since (local time)."""
     try:
-        with database.session(read_only=True) as session:
+        with database.reader() as session:
             row = (
                 session.execute(select(tables.lock_holders).where(tables.lock_holders.c.job == job))
                 .mappings()
@@ -232,16 +363,28 @@ def read_holder(database: dbmod.Database, job: str) -> dict[str, Any]:
 
 
 def probe(database: dbmod.Database, job: str, mode: str = "row") -> dict[str, Any] | None:
-    """The holder if a run holds the job's lock now, else None.
-
-    It takes the lock for an instant when free, so a starter racing this
-    probe may see the job as running (exit 75) for those milliseconds.
-    """
-    try:
-        with Guard(database, job, mode=mode, record_holder=False):
+    """The holder if a run holds the job's lock now, else None. Writes nothing:
+    a missing lock row (or lock file) means no run has ever held it."""
+    if database.is_sqlite:
+        if not Path(dbmod.lock_database_path(database.url, job)).exists():
             return None
-    except LockHeld as held:
-        return held.holder or {"pid": None}
+        mode = "file"
+    session = database.guard_session(job)
+    try:
+        if mode == "row":
+            exists = session.scalar(select(func.count()).where(tables.locks.c.job == job))
+            session.rollback()
+            if not exists:
+                return None
+        held = not try_lock(session, job, mode)
+        session.rollback()
+    except exc.DBAPIError as error:
+        raise DatabaseUnavailable(f"cannot read the job's lock: {dbmod.describe_error(error)}") from None
+    finally:
+        _close_quietly(session)
+    if not held:
+        return None
+    return read_holder(database, job) or {"pid": None}
 
 
 def _as_jobrunner_error(error: BaseException, url: str) -> BaseException:
@@ -257,26 +400,3 @@ def _close_quietly(session: Any) -> None:
         session.close()
     except Exception:  # noqa: BLE001 - the connection may already be gone
         pass
-
-
-def lock_status(config: Any) -> list[dict[str, Any]]:
-    """For ``jobrunner status``: each job of the jobs folder and its lock."""
-    from jobrunner import jobs
-
-    found = jobs.discover(config.jobs_path)
-    rows: list[dict[str, Any]] = []
-    if not found:
-        return rows
-    with tables.ready_database(config, "status") as database:
-        for info in found:
-            section = config.job_sections.get(info.name, {})
-            row: dict[str, Any] = {"job": info.name, "running": False, "holder": None}
-            if section.get("no_lock", config.no_lock):
-                row["lock"] = "none"
-            else:
-                row["lock"] = "file" if database.is_sqlite else section.get("lock", config.lock)
-                holder = probe(database, info.name, row["lock"])
-                row["running"] = holder is not None
-                row["holder"] = holder
-            rows.append(row)
-    return rows

@@ -13,32 +13,51 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any
 
-from jobrunner.config import Config, redact_url
+from jobrunner import redaction
+from jobrunner.config import Config
+from jobrunner.exceptions import ConfigError
 from jobrunner.result import RunResult, Status
 
 log = logging.getLogger("jobrunner")
 
 
 # -- logging -----------------------------------------------------------------------
+STAMP = "%Y-%m-%dT%H:%M:%S%z"  # one format for every line jobrunner writes, with the offset
+# The run's own story (start, end, notices, phases) goes to the log file
+# whatever --quiet does to the terminal; the terminal hears it through the reporter.
+story = logging.getLogger("jobrunner.story")
+story.propagate = False
+story.addHandler(logging.NullHandler())  # no log file: the story is told on the terminal only
+
+
+def stamp(when: datetime | None = None) -> str:
+    return (when or datetime.now()).astimezone().strftime(STAMP)
+
+
 class _Redacting(logging.Filter):
     """Last line of defence: no database password in any log record."""
 
-    def __init__(self, secret: str | None) -> None:
-        super().__init__()
-        self.secret = secret
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redaction.redact(record.getMessage()), None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            record.exc_text = redaction.redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+class _NotItemFailures(logging.Filter):
+    """On a terminal the summary lists failed items: the log does not print them twice."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = redact_url(record.getMessage())
-        if self.secret:
-            message = message.replace(self.secret, "***")
-        record.msg, record.args = message, None
-        return True
+        return not getattr(record, "item_failure", False)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -58,8 +77,11 @@ class _OneLine(logging.Formatter):
     """Tracebacks only with --debug; the log file always gets them."""
 
     def __init__(self, fmt: str, *, tracebacks: bool) -> None:
-        super().__init__(fmt, datefmt="%Y-%m-%dT%H:%M:%S")
+        super().__init__(fmt)
         self.tracebacks = tracebacks
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return stamp(datetime.fromtimestamp(record.created))
 
     def format(self, record: logging.LogRecord) -> str:
         if self.tracebacks:
@@ -72,12 +94,14 @@ class _OneLine(logging.Formatter):
             record.exc_info, record.exc_text = saved
 
 
-def setup_logging(config: Config, *, secret: str | None = None) -> None:
+def setup_logging(config: Config) -> None:
     root = logging.getLogger("jobrunner")
     root.handlers.clear()
     root.propagate = False
     root.setLevel(logging.DEBUG)
-    redact = _Redacting(secret)
+    story.handlers[:] = [logging.NullHandler()]
+    story.setLevel(logging.INFO)
+    redact = _Redacting()
 
     if config.quiet:
         level = logging.ERROR
@@ -94,12 +118,14 @@ def setup_logging(config: Config, *, secret: str | None = None) -> None:
     root.addHandler(console)
 
     if config.log_file:
+        path = Path(config.log_file)
         try:
-            handler = logging.FileHandler(config.log_file, encoding="utf-8")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as error:
-            from jobrunner.exceptions import ConfigError
-
-            raise ConfigError(f"--log-file {config.log_file}: {error.strerror}") from None
+            raise ConfigError(
+                f"log file {path} (from {config.origin('log_file')}): {error.strerror or error}"
+            ) from None
         handler.setLevel(logging.DEBUG if config.debug else logging.INFO)
         handler.addFilter(redact)
         handler.setFormatter(
@@ -109,6 +135,12 @@ def setup_logging(config: Config, *, secret: str | None = None) -> None:
             )
         )
         root.addHandler(handler)
+        story.addHandler(handler)
+
+
+def log_error(message: str) -> None:
+    """An error that ends the command: into the log file, if there is one."""
+    story.error("%s", message)
 
 
 # -- reporters ---------------------------------------------------------------------
@@ -120,6 +152,10 @@ def make_reporter(config: Config, *, stderr: IO[str] | None = None) -> Reporter:
     return PlainReporter(config, stderr)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 class Reporter:
     """Plain text, for cron: timestamps, no escape codes, nothing redrawn."""
 
@@ -129,17 +165,35 @@ class Reporter:
         self.human: IO[str] = stderr if config.json else sys.stdout
 
     # called by the runner
-    def started(self, job: str, *, total: int | None, progress: Any) -> None:
-        pass
+    def phase(self, text: str) -> None:
+        story.info("%s: %s", self.config.job, text)
+
+    def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
+        of = f"{total} items" if total is not None else "items counted as they come"
+        batch = f", batches of {self.config.batch_size}" if self.config.batch_size > 1 else ""
+        mode = " (dry run)" if self.config.dry_run else ""
+        story.info(
+            "%s: run %s started%s: pid %d on %s, %s%s, %s",
+            job,
+            run_id if run_id is not None else "(unrecorded)",
+            mode,
+            os.getpid(),
+            socket.gethostname(),
+            plural(1 if self.config.dry_run else self.config.workers, "worker"),
+            batch,
+            of,
+        )
 
     def notice(self, text: str) -> None:
+        story.warning("%s: %s", self.config.job, text)
         if not self.config.quiet:
             self._line(self.stderr, text)
 
     def finished(self, result: RunResult) -> None:
         self._stop_progress()
+        self._log_end(result)
         if self.config.json:
-            sys.stdout.write(json.dumps(result.as_dict()) + "\n")
+            sys.stdout.write(redaction.redact(json.dumps(result.as_dict())) + "\n")
             sys.stdout.flush()
         if result.status is Status.LOCKED:
             if not self.config.quiet:
@@ -150,14 +204,29 @@ class Reporter:
         out = self.stderr if self.config.quiet else self.human
         self._summary(result, out)
         if result.error and result.status is not Status.SUCCEEDED:
-            self.stderr.write(f"{result.job}: {result.error}\n")
+            self.stderr.write(redaction.redact(f"{result.job}: {result.error}") + "\n")
+
+    def _log_end(self, result: RunResult) -> None:
+        if result.status is Status.LOCKED:
+            story.info("%s: not started: %s (exit %d)", result.job, result.error, result.exit_code)
+            return
+        story.info(
+            "%s: run %s ended: %s, exit %d, %.2fs",
+            result.job,
+            result.run_id if result.run_id is not None else "(unrecorded)",
+            summary_line(result).split(": ", 1)[1],
+            result.exit_code,
+            result.duration_seconds,
+        )
+        if result.error:
+            story.info("%s: %s", result.job, result.error)
 
     # formatting
     def _stop_progress(self) -> None:
         pass
 
     def _line(self, out: IO[str], text: str) -> None:
-        out.write(f"{datetime.now().astimezone():%Y-%m-%dT%H:%M:%S%z} {text}\n")
+        out.write(redaction.redact(f"{stamp()} {text}") + "\n")
         out.flush()
 
     def _summary(self, result: RunResult, out: IO[str]) -> None:
@@ -172,17 +241,18 @@ class Reporter:
 
 
 class PlainReporter(Reporter):
-    def started(self, job: str, *, total: int | None, progress: Any) -> None:
+    def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
+        super().started(job, total=total, progress=progress, run_id=run_id)
         self._progress = progress
-        self._t0 = time.monotonic()
         self._done = threading.Event()
         if self.config.quiet:
             return
         of = f" of {total}" if total is not None else ""
         mode = " (dry run)" if self.config.dry_run else ""
+        workers = 1 if self.config.dry_run else self.config.workers
         self._line(
             self.human,
-            f"{job}: started{mode}, {self.config.workers} workers, "
+            f"{job}: started{mode}, {plural(workers, 'worker')}, "
             f"{'items' + of if of else 'counting items as they come'}",
         )
         thread = threading.Thread(target=self._tick, name="jobrunner-progress", daemon=True)
@@ -191,7 +261,7 @@ class PlainReporter(Reporter):
     def _tick(self) -> None:
         while not self._done.wait(self.config.progress_interval):
             snap = self._progress.snapshot()
-            elapsed = time.monotonic() - self._t0
+            elapsed = self._progress.items_seconds()
             total = f"/{snap['total']}" if snap["total"] is not None else ""
             self._line(
                 self.human,
@@ -215,16 +285,28 @@ class TerminalReporter(Reporter):
         self.console = Console(file=stderr)
         self.out_console = self.console if config.json else Console(file=sys.stdout)
         self._bar = None
+        self._status = None
+        for handler in logging.getLogger("jobrunner").handlers:
+            if isinstance(handler, _StderrHandler):
+                handler.addFilter(_NotItemFailures())
 
-    def started(self, job: str, *, total: int | None, progress: Any) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+    def phase(self, text: str) -> None:
+        super().phase(text)
+        if self._status is None:
+            self._status = self.console.status(f"{self.config.job}: {text}")
+            self._status.start()
+        else:
+            self._status.update(f"{self.config.job}: {text}")
+
+    def _end_phase(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
+        Reporter.started(self, job, total=total, progress=progress, run_id=run_id)
+        self._end_phase()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         columns = [TextColumn("[bold]{task.description}")]
         if total is not None:
@@ -233,13 +315,15 @@ class TerminalReporter(Reporter):
             columns += [TextColumn("{task.completed} done")]
         columns += [
             TextColumn("{task.fields[rate]:.1f} items/s"),
-            TimeElapsedColumn(),
+            TextColumn("elapsed {task.fields[elapsed]}"),
         ]
         if total is not None:
-            columns.append(TimeRemainingColumn())
+            columns.append(TextColumn("eta {task.fields[eta]}"))
         columns.append(TextColumn("[red]{task.fields[failed]} failed"))
         self._bar = Progress(*columns, console=self.console, transient=False)
-        self._task = self._bar.add_task(job, total=total, rate=0.0, failed=0)
+        self._task = self._bar.add_task(
+            job, total=total, rate=0.0, failed=0, elapsed="0:00:00", eta="-:--:--"
+        )
         self._source = progress
         self._t0 = time.monotonic()
         self._done = threading.Event()
@@ -252,19 +336,30 @@ class TerminalReporter(Reporter):
 
     def _refresh(self) -> None:
         snap = self._source.snapshot()
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        busy = max(self._source.items_seconds(), 1e-9)
+        rate = snap["done"] / busy
+        eta = "-:--:--"
+        if snap["total"] is not None and rate > 0:
+            eta = _clock(max(0, snap["total"] - snap["done"] - snap["skipped"]) / rate)
         self._bar.update(
-            self._task, completed=snap["done"], rate=snap["done"] / elapsed, failed=snap["failed"]
+            self._task,
+            completed=snap["done"] + snap["skipped"],
+            rate=rate,
+            failed=snap["failed"],
+            elapsed=_clock(time.monotonic() - self._t0),
+            eta=eta,
         )
 
     def _stop_progress(self) -> None:
+        self._end_phase()
         if self._bar is not None:
             self._done.set()
             self._refresh()
             self._bar.stop()
 
     def notice(self, text: str) -> None:
-        self.console.print(f"[yellow]{text}")
+        story.warning("%s: %s", self.config.job, text)
+        self.console.print(f"[yellow]{redaction.redact(text)}", markup=True, highlight=False)
 
     def _summary(self, result: RunResult, out: IO[str]) -> None:
         from rich.table import Table
@@ -275,14 +370,22 @@ class TerminalReporter(Reporter):
         table = Table(title=title, show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column(justify="right")
-        for label, value in (
+        rows = [
             ("succeeded", result.succeeded),
             ("failed", result.failed),
             ("retried", result.retried),
             ("skipped", result.skipped),
+        ]
+        if result.batch_size > 1:
+            rows += [("replayed", result.replayed), ("commits", result.commits)]
+        if result.rolled_back:
+            rows.append(("rolled back", result.rolled_back))
+        rows += [
             ("duration", f"{result.duration_seconds:.2f} s"),
+            ("processing", f"{result.items_seconds:.2f} s"),
             ("rate", f"{result.rate:.1f} items/s"),
-        ):
+        ]
+        for label, value in rows:
             table.add_row(label, str(value))
         console.print(table)
         if result.dry_run:
@@ -294,26 +397,42 @@ class TerminalReporter(Reporter):
             console.print(changes if result.changes else "would change no rows")
         for failure in result.failures[:10]:
             console.print(
-                f"failed {failure.item}: {failure.error}", style="red", markup=False, highlight=False
+                redaction.redact(f"failed {failure.item}: {failure.error}"),
+                style="red",
+                markup=False,
+                highlight=False,
             )
         if result.failed > 10:
             console.print(f"... and {result.failed - 10} more failures (see --json or the log)")
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def summary_line(result: RunResult) -> str:
     dry = " (dry run)" if result.dry_run else ""
+    batches = ""
+    if result.batch_size > 1:
+        batches = f", {result.replayed} replayed, {plural(result.commits, 'commit')}"
     return (
         f"{result.job}: {result.status.value}{dry}: {result.succeeded} succeeded, "
-        f"{result.failed} failed, {result.retried} retried, {result.skipped} skipped "
-        f"in {result.duration_seconds:.2f}s ({result.rate:.1f} items/s)"
+        f"{result.failed} failed, {result.retried} retried, {result.skipped} skipped{batches} "
+        f"in {result.duration_seconds:.2f}s ({result.rate:.1f} items/s over {result.items_seconds:.2f}s "
+        "of processing)"
     )
 
 
-def print_error(message: str, *, secret: str | None = None) -> None:
-    message = redact_url(message)
-    if secret:
-        message = message.replace(secret, "***")
-    sys.stderr.write(f"jobrunner: error: {message}\n")
+def print_error(message: str) -> None:
+    sys.stderr.write(f"jobrunner: error: {redaction.redact(message)}\n")
+
+
+def print_error_json(message: str, exit_code: int, job: str | None) -> None:
+    """--json promises one object on stdout, even when the command fails early."""
+    out = {"job": job, "status": "error", "exit_code": exit_code, "error": redaction.redact(message)}
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
 
 
 def print_jobs(found: list[Any], *, json_output: bool = False) -> None:
@@ -332,29 +451,27 @@ def print_status(rows: list[dict[str, Any]], *, json_output: bool = False) -> No
     from jobrunner.exceptions import describe_holder
 
     if json_output:
-
-        def clean(holder: dict | None) -> dict | None:
-            if holder is None:
-                return None
-            return {
-                k: v.isoformat(timespec="seconds") if isinstance(v, datetime) else v
-                for k, v in holder.items()
-            }
-
-        print(json.dumps([{**row, "holder": clean(row["holder"])} for row in rows]))
+        print(json.dumps(rows, default=_json_value))
         return
     if not rows:
         print("no jobs found")
         return
     width = max(len(row["job"]) for row in rows)
     for row in rows:
-        if row["lock"] == "none":
-            state = "not locked (no_lock)"
-        elif row["running"]:
-            state = "running" + describe_holder(row["holder"] or {})
-        else:
-            state = "idle"
-        print(f"{row['job']:<{width}}  {state}")
+        states = []
+        if row["holder"] is not None:
+            states.append("running" + describe_holder(row["holder"] or {}))
+        for run in row["unlocked_runs"]:
+            states.append(f"running without a lock: run {run['run_id']}" + describe_holder(run))
+        if not states:
+            states.append("idle" + (" (no_lock)" if row["lock"] == "none" else ""))
+        print(f"{row['job']:<{width}}  {'; '.join(states)}")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 HISTORY_COLUMNS = (
@@ -364,14 +481,34 @@ HISTORY_COLUMNS = (
     "dry_run",
     "started_at",
     "finished_at",
+    "checkpoint_at",
     "succeeded",
     "failed",
     "retried",
     "skipped",
+    "replayed",
+    "rolled_back",
+    "commits",
     "workers",
+    "batch_size",
+    "lock",
     "host",
     "pid",
     "resumed_from",
+    "error",
+)
+HISTORY_HEADERS = (
+    "id",
+    "job",
+    "status",
+    "started",
+    "duration",
+    "ok",
+    "failed",
+    "retried",
+    "skipped",
+    "host",
+    "pid",
     "error",
 )
 
@@ -384,62 +521,55 @@ def print_history(rows: list[dict[str, Any]], *, json_output: bool = False) -> N
 
     records = [
         {k: row.get(k) for k in HISTORY_COLUMNS}
-        | {"started_at": when(row["started_at"]), "finished_at": when(row["finished_at"])}
+        | {k: when(row.get(k)) for k in ("started_at", "finished_at", "checkpoint_at")}
         for row in rows
     ]
     if json_output:
-        print(
-            json.dumps(
-                [
-                    {
-                        k: v.isoformat(timespec="seconds") if isinstance(v, datetime) else v
-                        for k, v in r.items()
-                    }
-                    for r in records
-                ]
-            )
-        )
+        print(redaction.redact(json.dumps(records, default=_json_value)))
         return
     if not records:
         print("no runs recorded")
         return
-    headers = ("id", "job", "status", "started", "duration", "ok", "failed", "retried", "skipped", "error")
-    lines = []
-    for r in records:
-        started = r["started_at"].astimezone() if r["started_at"] else None
-        duration = (
-            f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
-            if r["finished_at"] and r["started_at"]
-            else ""
-        )
-        status = r["status"] + (" (dry)" if r["dry_run"] else "")
-        lines.append(
-            (
-                str(r["id"]),
-                r["job"],
-                status,
-                f"{started:%Y-%m-%d %H:%M:%S}" if started else "",
-                duration,
-                str(r["succeeded"]),
-                str(r["failed"]),
-                str(r["retried"]),
-                str(r["skipped"]),
-                (r["error"] or "")[:80],
-            )
-        )
+    lines = [_history_line(r) for r in records]
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(*headers)
+        table = Table(*HISTORY_HEADERS)
         for line in lines:
             table.add_row(*line, style="red" if line[2].split()[0] not in ("succeeded", "running") else None)
         Console().print(table)
         return
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(HISTORY_HEADERS)]
+    print("  ".join(h.ljust(w) for h, w in zip(HISTORY_HEADERS, widths, strict=True)).rstrip())
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _history_line(r: dict[str, Any]) -> tuple[str, ...]:
+    started = r["started_at"].astimezone() if r["started_at"] else None
+    if r["finished_at"] and r["started_at"]:
+        duration = f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
+    elif r["checkpoint_at"] and r["started_at"]:
+        # Still running, or ended unrecorded: at least until its last checkpoint.
+        duration = f">{(r['checkpoint_at'] - r['started_at']).total_seconds():.1f}s"
+    else:
+        duration = ""
+    status = r["status"] + (" (dry)" if r["dry_run"] else "")
+    return (
+        str(r["id"]),
+        r["job"],
+        status,
+        f"{started:%Y-%m-%d %H:%M:%S}" if started else "",
+        duration,
+        str(r["succeeded"] or 0),
+        str(r["failed"] or 0),
+        str(r["retried"] or 0),
+        str(r["skipped"] or 0),
+        r["host"] or "",
+        str(r["pid"] or ""),
+        redaction.redact(r["error"] or "")[:100],
+    )
 
 
 def print_purge(runs: int, keys: int, *, json_output: bool = False) -> None:

@@ -21,6 +21,7 @@ class Status(enum.StrEnum):
     INTERRUPTED = "interrupted"
     CRASHED = "crashed"
     LOCK_LOST = "lock-lost"
+    UNAVAILABLE = "unavailable"  # the database stayed away longer than --outage-timeout
     LOCKED = "locked"
 
 
@@ -42,10 +43,15 @@ class RunResult:
     failed: int = 0
     retried: int = 0
     skipped: int = 0
+    replayed: int = 0  # items of failed chunks redone one at a time
+    rolled_back: int = 0  # items finished but not committed because the run stopped
+    commits: int = 0  # item transactions (chunks) committed
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_seconds: float = 0.0
+    items_seconds: float = 0.0  # from the first item handed out to the last one done
     workers: int = 0
+    batch_size: int = 1
     failures: tuple[ItemFailure, ...] = ()
     # {"table": {"insert": n, "update": n, "delete": n}}, dry runs only
     changes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -62,6 +68,7 @@ class RunResult:
             Status.FAILED: exceptions.EX_FAILED,
             Status.ABORTED: exceptions.EX_FAILED,
             Status.LOCK_LOST: exceptions.EX_UNAVAILABLE,
+            Status.UNAVAILABLE: exceptions.EX_UNAVAILABLE,
             Status.LOCKED: exceptions.EX_TEMPFAIL,
             Status.INTERRUPTED: (exceptions.EX_SIGINT if self.signal == 2 else exceptions.EX_SIGTERM),
         }.get(self.status, exceptions.EX_SOFTWARE)
@@ -72,7 +79,9 @@ class RunResult:
 
     @property
     def rate(self) -> float:
-        return self.processed / self.duration_seconds if self.duration_seconds > 0 else 0.0
+        """Items per second while items were being processed (not setup or the lock wait)."""
+        seconds = self.items_seconds or self.duration_seconds
+        return self.processed / seconds if seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """The --json summary."""
@@ -84,8 +93,14 @@ class RunResult:
             "failed": self.failed,
             "retried": self.retried,
             "skipped": self.skipped,
+            "replayed": self.replayed,
+            "rolled_back": self.rolled_back,
+            "commits": self.commits,
             "duration_seconds": round(self.duration_seconds, 3),
+            "items_seconds": round(self.items_seconds, 3),
+            "items_per_second": round(self.rate, 1),
             "workers": self.workers,
+            "batch_size": self.batch_size,
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
             "exit_code": self.exit_code,
@@ -105,3 +120,27 @@ class RunResult:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
+
+
+def error_line(error: BaseException) -> str:
+    """``ExceptionType: message`` on one line, without SQL, parameters or passwords."""
+    from jobrunner import redaction
+
+    orig = getattr(error, "orig", None)
+    if orig is not None and hasattr(error, "connection_invalidated"):  # a DBAPIError
+        lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
+        text = lines[0] if lines else ""
+        name = type(orig).__name__
+    else:
+        text = " ".join(str(error).split())
+        name = type(error).__name__
+    return redaction.redact(f"{name}: {text}" if text else name)
+
+
+def safe_repr(item: Any) -> str:
+    """repr() of an item for the record: at most 200 characters, never raising."""
+    try:
+        text = repr(item)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(item).__name__} (repr failed)>"
+    return text if len(text) <= 200 else text[:197] + "..."

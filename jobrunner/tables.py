@@ -19,8 +19,9 @@ from sqlalchemy import (
     func,
     inspect,
     select,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from jobrunner.config import Config
 from jobrunner.db import BEGIN_OPTION, Database, describe_error, open_database
@@ -70,6 +71,13 @@ runs = Table(
     Column("skipped", Integer, nullable=False, default=0),
     Column("error", Text),
     Column("resumed_from", Integer),
+    # Added later: nullable, so that ensure_schema can add them to old tables.
+    Column("commits", Integer),
+    Column("replayed", Integer),
+    Column("rolled_back", Integer),
+    Column("batch_size", Integer),
+    Column("lock", String(20)),  # row, advisory, file, or none (--no-lock)
+    Column("checkpoint_at", DateTime),  # naive UTC; the counts are current as of then
 )
 
 # The keys of items that committed, for --resume. Written in the item's own
@@ -82,18 +90,50 @@ item_keys = Table(
 )
 
 
+def _missing(conn: Connection) -> tuple[set[str], dict[str, list[Column]]]:
+    inspector = inspect(conn)
+    tables = set(inspector.get_table_names())
+    columns: dict[str, list[Column]] = {}
+    for name, table in metadata.tables.items():
+        if name in tables:
+            have = {c["name"] for c in inspector.get_columns(name)}
+            absent = [c for c in table.columns if c.name not in have]
+            if absent:
+                columns[name] = absent
+    return set(metadata.tables) - tables, columns
+
+
 def ensure_schema(engine: Engine) -> None:
+    """Create jobrunner's tables, and add the columns newer versions need.
+    ``engine`` must run at READ COMMITTED on a server (``Database.own_engine``)."""
     # Look before taking a write lock: on SQLite a writing transaction queues
     # behind a running job's workers, and a second copy must fail fast.
     reader = engine.execution_options(**{BEGIN_OPTION: "DEFERRED"})
     with reader.connect() as conn:
-        existing = set(inspect(conn).get_table_names())
-    if existing.issuperset(metadata.tables):
+        tables, columns = _missing(conn)
+    if not tables and not columns:
         return
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
         metadata.create_all(conn, checkfirst=True)
+        _, columns = _missing(conn)
+        for table, absent in columns.items():
+            for column in absent:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table} ADD COLUMN "{column.name}" {kind}'))
+
+
+def has_schema(database: Database) -> bool:
+    """True if jobrunner's tables exist (read-only commands never create them;
+    they do add the columns a newer jobrunner needs to tables that exist)."""
+    with database.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}).connect() as conn:
+        tables, columns = _missing(conn)
+    if tables:
+        return False
+    if columns:
+        ensure_schema(database.own_engine)
+    return True
 
 
 @contextlib.contextmanager
@@ -102,11 +142,26 @@ def ready_database(config: Config, job: str, *, workers: int = 1) -> Iterator[Da
     database = open_database(config, job, workers=workers)
     try:
         try:
-            ensure_schema(database.engine)
+            ensure_schema(database.own_engine)
         except exc.DBAPIError as error:
             raise DatabaseUnavailable(
                 f"cannot create jobrunner's tables: {describe_error(error, database.url)}"
             ) from None
         yield database
+    finally:
+        database.dispose()
+
+
+@contextlib.contextmanager
+def existing_database(config: Config, job: str) -> Iterator[Database | None]:
+    """For commands that only read: the database, or None if jobrunner has never
+    run against it. Creates nothing: no file, no table."""
+    database = open_database(config, job, create=False)
+    try:
+        try:
+            ready = has_schema(database)
+        except exc.DBAPIError as error:
+            raise DatabaseUnavailable(f"cannot read the database: {describe_error(error)}") from None
+        yield database if ready else None
     finally:
         database.dispose()

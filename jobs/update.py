@@ -14,13 +14,16 @@ Parameters: --param window=N (observations considered, default 5),
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import ForeignKey, Numeric, String, func, insert, inspect, select
+from sqlalchemy import ForeignKey, Numeric, String, func, insert, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import jobrunner
 
 SEED_PRODUCTS = 2_000
 OBSERVATIONS_PER_PRODUCT = 8
@@ -82,18 +85,13 @@ def setup(ctx, session):
 
 def items(ctx, session):
     # Product ids only: ORM objects stay in the session that loaded them.
-    if ctx.dry_run and not inspect(session.connection()).has_table("products"):
-        ctx.log.warning("the demo tables do not exist yet; a real run creates them")
-        return []
-    query = select(Product.id).order_by(Product.id)
-    if "limit" in ctx.params:
-        query = query.limit(int(ctx.params["limit"]))
-    return session.scalars(query.execution_options(yield_per=1000))
+    # paged() reads 1,000 ids per short transaction, so a long run holds no
+    # snapshot that would keep VACUUM from cleaning up after other writers.
+    ids = jobrunner.paged(session, select(Product.id), key=Product.id, size=1000)
+    return itertools.islice(ids, int(ctx.params["limit"])) if "limit" in ctx.params else ids
 
 
 def count(ctx, session):
-    if not inspect(session.connection()).has_table("products"):
-        return 0
     total = session.scalar(select(func.count()).select_from(Product))
     return min(total, int(ctx.params["limit"])) if "limit" in ctx.params else total
 

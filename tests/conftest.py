@@ -64,6 +64,40 @@ def pg_admin_url() -> Iterator[str]:
         server.stop()
 
 
+def start_server(purpose: str) -> PostgresServer:
+    """A PostgreSQL server of the test's own, for tests that restart or stop it."""
+    bindir = find_bindir()
+    if bindir is None:
+        message = f"no PostgreSQL server binaries for {purpose}"
+        if _ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bindir, durable=True)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[PostgresServer]:
+    """A server for this test module alone: its tests may restart or stop it."""
+    server = start_server("a server of its own")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_pg_url(own_pg: PostgresServer) -> Iterator[str]:
+    """A fresh database on the module's own server (started if a test stopped it)."""
+    if own_pg.pg_ctl("status", check=False).returncode != 0:
+        own_pg.start_again()
+    name = f"o_{os.getpid()}_{next(_counter)}"
+    admin = create_engine(own_pg.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    yield make_url(own_pg.admin_url).set(database=name).render_as_string(hide_password=False)
+
+
 @pytest.fixture
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh database cloned from the (empty) template: fast to create."""

@@ -73,10 +73,13 @@ def process(ctx, session, item):
         raise RuntimeError("enough")  # with --max-failures 0: the run stops here
 '''
 
-# Read-modify-write of one shared counter by every item: lost updates show.
+# Read-modify-write of one shared counter by every item, the well-written way
+# for a hot row: lock it, then read committed is safe (and never retries).
 COUNTER = '''
 """Increment one counter per item, reading it first."""
 from sqlalchemy import text
+
+ISOLATION = "read_committed"
 
 def setup(ctx, session):
     session.execute(text("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
@@ -195,7 +198,7 @@ def process(ctx, session, item):
         session.execute(delete(b).where(b.c.id == item))          # Core delete
     session.execute(text("INSERT INTO dry_b (id, v) VALUES (:i, 2)"), {"i": 200 + item})  # text
     if item == 9:
-        session.add(A(id=0, v=0))                                 # duplicate key: fails
+        session.add(A(id=5, v=0))                                 # duplicate key: fails
         session.flush()
 '''
 
@@ -224,4 +227,55 @@ def process(ctx, session, item):
 
 def item_key(item):
     return f"item-{item}"
+'''
+
+# The naive read-modify-write of one hot row (no lock): under READ COMMITTED
+# it loses updates; jobrunner's default isolation must make that impossible.
+NAIVE_COUNTER = '''
+"""Increment one counter per item: read, add one, write back, no lock."""
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+    if session.execute(text("SELECT count(*) FROM counter")).scalar() == 0:
+        session.execute(text("INSERT INTO counter VALUES (1, 0)"))
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 2000)))
+
+def process(ctx, session, item):
+    n = session.execute(text("SELECT n FROM counter WHERE id = 1")).scalar()
+    session.execute(text("UPDATE counter SET n = :n WHERE id = 1"), {"n": n + 1})
+'''
+
+# Resumable items read from a table: --param source=paged (jobrunner.paged, in
+# short transactions) or source=stream (one server-side cursor, yield_per).
+# Each item inserts its effect row, then sleeps --param sleep=S.
+PAGED = '''
+"""Items from a table, paged or streamed; each writes one effect row."""
+import time
+import jobrunner
+from sqlalchemy import Column, Integer, MetaData, Table, select, text
+
+metadata = MetaData()
+source = Table("source", metadata, Column("id", Integer, primary_key=True))
+
+def setup(ctx, session):
+    metadata.create_all(session.connection())
+    session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+    if not session.execute(text("SELECT count(*) FROM source")).scalar():
+        n = int(ctx.params.get("n", 300))
+        session.execute(source.insert(), [{"id": i} for i in range(n)])
+
+def items(ctx, session):
+    if ctx.params.get("source", "paged") == "stream":
+        return session.scalars(select(source.c.id).order_by(source.c.id).execution_options(yield_per=50))
+    return jobrunner.paged(session, select(source.c.id), key=source.c.id, size=50)
+
+def process(ctx, session, item):
+    session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+    time.sleep(float(ctx.params.get("sleep", 0.01)))
+
+def item_key(item):
+    return str(item)
 '''

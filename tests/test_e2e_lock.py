@@ -83,33 +83,6 @@ def test_sigkilled_holder_frees_the_lock_and_leaves_no_half_item(spawn, cli, wri
 
 
 @pytest.mark.postgres
-def test_terminated_guard_backend_stops_the_run_with_69(spawn, write_job, pg_url):
-    write_job("two_rows", TWO_ROWS)
-    holder = spawn(
-        "run", "two_rows", "--database-url", pg_url, "--param", "n=400", "--param", "sleep=0.1", "--json"
-    )
-    wait_for_rows(pg_url, "pairs", minimum=8)
-    database = pg_url.rsplit("/", 1)[1]
-    killed_at = time.time()
-    terminated = query(
-        pg_url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'jobrunner two_rows lock' AND datname = '{database}'",
-    )
-    assert terminated == [(True,)]
-    code, out, err = finish(holder, timeout=30)
-    exited_at = time.time()
-    assert code == 69, err
-    assert exited_at - killed_at < 5
-    summary = json.loads(out)
-    assert summary["status"] == "lock-lost" and "lock lost" in summary["error"]
-    assert "lock lost" in err
-    [(last_commit,)] = query(pg_url, "SELECT max(t1) FROM pairs WHERE part = 2")
-    assert last_commit - killed_at < 2.0
-    assert_whole_items(pg_url)
-
-
-@pytest.mark.postgres
 def test_application_names_tell_workers_from_the_guard(spawn, write_job, pg_url):
     write_job("two_rows", TWO_ROWS)
     holder = spawn("run", "two_rows", "--database-url", pg_url, "--param", "n=60", "--param", "sleep=0.2")

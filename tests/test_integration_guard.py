@@ -16,12 +16,13 @@ from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.exceptions import LockHeld
 from jobrunner.locking import Guard
+from jobrunner.outage import is_sqlite_busy
 
 
 def open_db(url, tmp_path):
     config = configmod.load({"database_url": url}, environ={}, cwd=tmp_path)
     database = dbmod.open_database(config, "job", workers=2)
-    tables.ensure_schema(database.engine)
+    tables.ensure_schema(database.own_engine)
     return database
 
 
@@ -109,7 +110,7 @@ def test_sqlite_busy_is_recognised(tmp_path):
     try:
         with pytest.raises(exc.OperationalError) as info, engine.begin() as conn:
             conn.exec_driver_sql("SELECT 1")
-        assert dbmod.is_sqlite_busy(info.value)
+        assert is_sqlite_busy(info.value)
     finally:
         engine.dispose()
         holder.close()

@@ -1,4 +1,5 @@
-"""The threading model on its own: no database, sessions are plain tokens."""
+"""The threading model and the in-memory feed on their own: no database,
+sessions are plain tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 
 import pytest
 
-from jobrunner.executor import FanOut
+from jobrunner.executor import Workers
+from jobrunner.feed import MemoryFeed, produce
 
 
 class Token:
@@ -23,7 +25,10 @@ class Token:
         self.closed_in: int | None = None
 
 
-def fan_out(workers: int, work, stop: threading.Event | None = None):
+def run_items(workers: int, work, items, *, stop: threading.Event | None = None, batch: int = 1):
+    """Feed ``items`` to ``workers`` threads the way the runner does; return the
+    tokens opened and the Workers (finished)."""
+    stop = stop or threading.Event()
     opened: list[Token] = []
     lock = threading.Lock()
 
@@ -36,96 +41,122 @@ def fan_out(workers: int, work, stop: threading.Event | None = None):
     def close(token: Token) -> None:
         token.closed_in = threading.get_ident()
 
-    runner = FanOut(
+    feed = MemoryFeed(workers * batch, stop)
+    pool = Workers(
         workers=workers,
         open_session=open_session,
         close_session=close,
-        work=work,
-        stop=stop or threading.Event(),
+        take=lambda token: feed.take(token, batch),
+        work=lambda token, chunk: work(token, [item for item, _ in chunk]),
     )
-    return runner, opened
+    pool.start()
+    error = None
+    try:
+        produce(feed, items, accept=lambda _item: True, alive=pool.alive)
+    except ValueError as failure:
+        error = failure
+    finally:
+        feed.close(workers)
+    while not pool.wait(0.1):
+        pass
+    return opened, error
 
 
 def test_each_worker_thread_owns_one_session_from_open_to_close():
     seen: list[tuple[int, int]] = []
     lock = threading.Lock()
 
-    def work(token: Token, item: int) -> None:
+    def work(token: Token, chunk: list[int]) -> None:
         token.used_in.add(threading.get_ident())
         with lock:
-            seen.append((item, token.id))
+            seen.extend((item, token.id) for item in chunk)
         time.sleep(0.001)
 
-    runner, opened = fan_out(4, work)
-    assert runner.run(range(200)) is True
+    opened, _ = run_items(4, work, range(200))
     assert sorted(item for item, _ in seen) == list(range(200))
     assert len(opened) == 4
     for token in opened:
         assert token.used_in <= {token.opened_in} and token.closed_in == token.opened_in
 
 
-@pytest.mark.parametrize("workers", [1, 3, 8])
-def test_items_in_flight_stay_bounded(workers):
+@pytest.mark.parametrize(("workers", "batch"), [(1, 1), (3, 1), (8, 1), (3, 10)])
+def test_items_in_flight_stay_bounded(workers, batch):
     state = {"produced": 0, "done": 0, "peak": 0}
     lock = threading.Lock()
 
-    def produce():
+    def produce_items():
         for i in range(500):
             with lock:
                 state["produced"] += 1
                 state["peak"] = max(state["peak"], state["produced"] - state["done"])
             yield i
 
-    def work(_token, _item):
+    def work(_token, chunk):
+        assert 1 <= len(chunk) <= batch
         time.sleep(0.0005)
         with lock:
-            state["done"] += 1
+            state["done"] += len(chunk)
 
-    runner, _ = fan_out(workers, work)
-    runner.run(produce())
+    run_items(workers, work, produce_items(), batch=batch)
     assert state["done"] == 500
-    assert state["peak"] <= 2 * workers + 1
+    assert state["peak"] <= 2 * workers * batch + 1
+
+
+def test_chunks_take_what_is_ready_without_waiting_to_fill():
+    sizes = []
+
+    def slow_items():
+        for i in range(6):
+            time.sleep(0.05)  # one at a time: a worker must not wait for 100
+            yield i
+
+    run_items(1, lambda _t, chunk: sizes.append(len(chunk)), slow_items(), batch=100)
+    assert sum(sizes) == 6 and max(sizes) < 6
 
 
 def test_a_failing_producer_keeps_what_it_fed():
     done = []
 
-    def produce():
+    def produce_items():
         yield from range(10)
         raise ValueError("broken generator")
 
-    runner, _ = fan_out(2, lambda _t, item: done.append(item))
-    assert runner.run(produce()) is True
+    _, error = run_items(2, lambda _t, chunk: done.extend(chunk), produce_items())
     assert sorted(done) == list(range(10))
-    assert isinstance(runner.producer_error, ValueError)
+    assert isinstance(error, ValueError)
 
 
 def test_stop_drops_queued_items_and_starts_nothing_new():
     stop = threading.Event()
     started = []
 
-    def work(_token, item):
-        started.append(item)
-        if item == 5:
+    def work(_token, chunk):
+        started.extend(chunk)
+        if 5 in chunk:
             stop.set()
         time.sleep(0.01)
 
-    runner, _ = fan_out(2, work, stop)
-    assert runner.run(range(10_000)) is True
+    run_items(2, work, range(10_000), stop=stop)
     assert max(started) < 5 + 2 * 2 + 2
     assert len(started) < 20
 
 
-def test_stuck_workers_are_abandoned_after_the_drain_timeout():
+def test_stuck_workers_do_not_block_the_producer():
     stop = threading.Event()
     release = threading.Event()
-
-    def work(_token, item):
-        stop.set()
-        release.wait(30)
-
-    runner, _ = fan_out(2, work, stop)
+    feed = MemoryFeed(2, stop)
+    pool = Workers(
+        workers=2,
+        open_session=object,
+        close_session=lambda _s: None,
+        take=lambda s: feed.take(s, 1),
+        work=lambda _s, _chunk: (stop.set(), release.wait(30)),
+    )
+    pool.start()
     t0 = time.monotonic()
-    assert runner.run(range(100), drain_timeout=0.3) is False
-    assert time.monotonic() - t0 < 5
+    produce(feed, range(100), accept=lambda _i: True, alive=pool.alive)
+    feed.close(2)
+    assert time.monotonic() - t0 < 2, "the producer waited on stuck workers"
+    assert pool.wait(0.3) is False
     release.set()
+    assert pool.wait(5) is True

@@ -1,0 +1,193 @@
+"""A dry run that tells the truth: everything in one transaction, rolled back.
+
+A real run commits ``setup()``, then each chunk of items, and later items see
+what earlier ones did. A dry run that rolled each of those back on its own
+would run the items against a database without ``setup()``'s effects, and
+report failures (or successes) that a real run would not have. So a dry run
+opens one connection and one transaction, runs ``setup()``, ``items()`` and
+every chunk in it, each chunk in a savepoint (released when it succeeds,
+rolled back when it fails, exactly as a real run would commit or roll back),
+and rolls the whole transaction back at the end.
+
+The price: one connection, so items run one at a time in this thread
+(``--workers`` does not apply), and the transaction holds the locks of every
+row it changes until the end (on SQLite, the database's write lock).
+
+The change report counts, per table, the rows each statement reported as
+inserted, updated or deleted, only for chunks that ended well.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from jobrunner import db as dbmod
+from jobrunner import tables
+from jobrunner.feed import Entry
+
+_DML = re.compile(r"^\s*(insert\s+(?:or\s+\w+\s+)?into|update|delete\s+from)\s+[`\"]?([\w.]+)[`\"]?", re.I)
+
+
+class ChangeCounter:
+    """Counts the rows a dry run's statements report, per table and kind.
+
+    Counts gather per thread and join the totals only when the savepoint they
+    belong to ends well: a failed item's rows would not have changed.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, dict[str, int]] = {}
+        self._pending = threading.local()
+        self._engine = engine
+        event.listen(engine, "after_cursor_execute", self._after_execute)
+
+    def close(self) -> None:
+        event.remove(self._engine, "after_cursor_execute", self._after_execute)
+
+    def _after_execute(
+        self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
+        kind, table = self._classify(statement, context)
+        if kind is None or table is None or table.startswith(tables.PREFIX):
+            return
+        rows = cursor.rowcount
+        if rows is None or rows < 0:
+            rows = len(parameters) if executemany else 0
+        if rows > 0:
+            pending = self._pending.__dict__.setdefault("counts", [])
+            pending.append((table, kind, rows))
+
+    def keep(self) -> None:
+        """The calling thread's savepoint ended well: count its rows."""
+        pending = self._pending.__dict__.pop("counts", [])
+        with self._lock:
+            for table, kind, rows in pending:
+                counts = self._counts.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
+                counts[kind] += rows
+
+    def discard(self) -> None:
+        self._pending.__dict__.pop("counts", None)
+
+    @staticmethod
+    def _classify(statement: str, context: Any) -> tuple[str | None, str | None]:
+        compiled = getattr(context, "compiled", None)
+        target = getattr(getattr(compiled, "statement", None), "table", None)
+        name = getattr(target, "name", None)
+        if context is not None and name is not None:
+            for kind in ("insert", "update", "delete"):
+                if getattr(context, f"is{kind}", False):
+                    return kind, name
+        match = _DML.match(statement)
+        if match is None:
+            return None, None
+        verb = match.group(1).split()[0].lower()
+        return verb, match.group(2).split(".")[-1]
+
+    def report(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {table: dict(counts) for table, counts in sorted(self._counts.items())}
+
+
+class _Serial:
+    """The dry run's feed: items come straight from the iterator, in this thread."""
+
+    def reclaim(self, session: Any, chunk: list[Entry]) -> list[Entry]:
+        return chunk
+
+
+SERIAL = _Serial()
+
+
+def run(
+    *,
+    database: dbmod.Database,
+    job: Any,
+    ctx: Any,
+    unit: Callable[[Session, list[Entry]], None],
+    changes: ChangeCounter,
+    accept: Callable[[Any], bool],
+    batch_size: int,
+    stop: threading.Event,
+    started: Callable[[Any, Session], None],
+    failed: Callable[[str, BaseException], None],
+) -> None:
+    """Run the whole job in one transaction, then roll it back."""
+    # READ COMMITTED on a server: one long transaction at REPEATABLE READ would
+    # see a snapshot from its start and fail on rows that others changed since.
+    engine = (
+        database.engine
+        if database.is_sqlite
+        else database.engine.execution_options(isolation_level=dbmod.BOOKKEEPING)
+    )
+    with engine.connect() as connection:
+        outer = connection.begin()
+        try:
+
+            def savepoint_session() -> Session:
+                session = database.session_factory(bind=connection, join_transaction_mode="create_savepoint")
+                session.info["owner_thread"] = threading.get_ident()
+                return session
+
+            if job.setup is not None:
+                session = savepoint_session()
+                try:
+                    job.setup(ctx, session)
+                    session.commit()
+                    changes.keep()
+                except Exception as error:  # noqa: BLE001 - the job's own code
+                    session.rollback()
+                    changes.discard()
+                    failed("setup()", error)
+                    return
+                finally:
+                    session.close()
+            reader = savepoint_session()
+            work = savepoint_session()
+            try:
+                try:
+                    items = job.items(ctx, reader)
+                    started(items, reader)
+                    for chunk in _chunks(items, accept, batch_size):
+                        if stop.is_set():
+                            break
+                        unit(work, chunk)
+                except _ItemsFailed as error:
+                    failed("items()", error.__cause__ or error)
+                except Exception as error:  # noqa: BLE001 - the job's own code
+                    failed("items()", error)
+            finally:
+                work.close()
+                reader.close()
+        finally:
+            outer.rollback()
+
+
+class _ItemsFailed(Exception):
+    """Iterating items() raised (the cause), as opposed to processing them."""
+
+
+def _chunks(items: Iterable[Any], accept: Callable[[Any], bool], size: int) -> Iterator[list[Entry]]:
+    def accepted() -> Iterator[Entry]:
+        iterator = iter(items)
+        while True:
+            try:
+                item = next(iterator)
+                keep = accept(item)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise _ItemsFailed() from error
+            if keep:
+                yield item, None
+
+    stream = accepted()
+    while chunk := list(islice(stream, size)):
+        yield chunk

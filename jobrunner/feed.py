@@ -1,0 +1,122 @@
+"""Where items come from and how they reach the workers.
+
+A feed hands each worker a chunk of up to ``batch_size`` items. This module
+holds the in-memory feed of a single-process run: ``items()`` is consumed
+lazily by a producer thread into a bounded queue, so a generator of
+millions of items keeps memory flat. ``worktable.py`` holds the other feed,
+the database table that the processes of a distributed run claim from.
+
+Both hand out :data:`Entry` pairs ``(item, token)``: the token is what a
+feed needs to claim the item again inside a transaction (a work-table row
+number), None in memory.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+Entry = tuple[Any, Any]
+_END = object()
+PUT_POLL_S = 0.05
+
+
+class Feed(Protocol):
+    def take(self, session: Any, limit: int) -> list[Entry] | None:
+        """Up to ``limit`` entries, at least one; None when there is no more work."""
+
+    def reclaim(self, session: Any, chunk: list[Entry]) -> list[Entry]:
+        """At the start of a retry: the entries of ``chunk`` still ours to do."""
+
+
+class MemoryFeed:
+    """A bounded queue that wakes the producer only at a low-water mark.
+
+    With one wake-up per item (queue.Queue(maxsize)), the producer thread
+    competes for the GIL on every item; on SQLite, where writers take turns,
+    that stretches each writer's turn (measured: 1.13x the hand-written
+    script's wall time at 4 workers, 1.03x with this queue). Refilling in
+    bursts once the queue is down to a quarter costs one wake-up per about
+    ``3/4 * capacity`` items. With ``capacity = workers * batch_size`` queued,
+    at most ``2 * workers * batch_size`` items are in flight (queued or running).
+
+    Once ``stop`` is set, ``take`` hands out nothing more: queued items are
+    dropped, never started.
+    """
+
+    def __init__(self, capacity: int, stop: threading.Event) -> None:
+        self.capacity = capacity
+        self.low_water = capacity // 4
+        self.stop = stop
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queued = 0
+        self._room = threading.Condition(threading.Lock())
+        self._closed = False
+
+    # -- the producer's side -------------------------------------------------
+    def put(self, item: Any, alive: Callable[[], bool] = lambda: True) -> bool:
+        """Queue one item, waiting for room; False once the run stops or no
+        worker is left to take it."""
+        with self._room:
+            while self._queued >= self.capacity:
+                if self.stop.is_set() or not alive():
+                    return False
+                self._room.wait_for(lambda: self._queued <= self.low_water, PUT_POLL_S)
+            if self.stop.is_set():
+                return False
+            self._queued += 1
+        self._items.put((item, None))
+        return True
+
+    def close(self, consumers: int) -> None:
+        """No more items: one end marker per consumer (never blocks)."""
+        with self._room:
+            self._closed = True
+        for _ in range(consumers):
+            self._items.put(_END)
+
+    # -- the workers' side ---------------------------------------------------
+    def take(self, session: Any, limit: int) -> list[Entry] | None:
+        entry = self._items.get()
+        if entry is _END or self.stop.is_set():
+            return None
+        chunk = [entry]
+        while len(chunk) < limit:
+            try:
+                entry = self._items.get_nowait()
+            except queue.Empty:
+                break
+            if entry is _END:
+                self._items.put(_END)  # someone else's: a chunk is not an ending
+                break
+            chunk.append(entry)
+        self._taken(len(chunk))
+        return chunk
+
+    def reclaim(self, session: Any, chunk: list[Entry]) -> list[Entry]:
+        return chunk
+
+    def _taken(self, count: int) -> None:
+        with self._room:
+            before = self._queued
+            self._queued -= count
+            if before > self.low_water >= self._queued:
+                self._room.notify()
+
+
+def produce(
+    feed: MemoryFeed,
+    items: Iterable[Any],
+    *,
+    accept: Callable[[Any], bool],
+    alive: Callable[[], bool],
+) -> None:
+    """Feed ``items`` (lazily) until they end, the run stops or the workers
+    are gone. ``accept(item)`` may skip an item (False) or refuse it (raise)."""
+    for item in items:
+        if not accept(item):
+            continue
+        if not feed.put(item, alive):
+            return

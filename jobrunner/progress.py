@@ -1,0 +1,83 @@
+"""The run's counters, shared by the workers; everyone else reads snapshots."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure
+
+
+class Progress:
+    """Counts in items (``commits`` in transactions); one lock, short holds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.succeeded = self.failed = self.retried = self.skipped = 0
+        self.replayed = self.rolled_back = self.commits = 0
+        self.failures: list[ItemFailure] = []
+        self.total: int | None = None
+        self.first_item_at: float | None = None
+        self.last_item_at: float | None = None
+
+    def started_items(self) -> None:
+        with self._lock:
+            if self.first_item_at is None:
+                self.first_item_at = time.monotonic()
+
+    def committed(self, items: int) -> None:
+        with self._lock:
+            self.succeeded += items
+            self.commits += 1
+            self.last_item_at = time.monotonic()
+
+    def dry_committed(self, items: int) -> None:
+        """A dry run's chunk ended well (and was rolled back, as all of it is)."""
+        with self._lock:
+            self.succeeded += items
+            self.last_item_at = time.monotonic()
+
+    def failure(self, item_repr: str, error_line: str) -> int:
+        with self._lock:
+            self.failed += 1
+            self.last_item_at = time.monotonic()
+            if len(self.failures) < MAX_FAILURES_LISTED:
+                self.failures.append(ItemFailure(item_repr, error_line))
+            return self.failed
+
+    def retry(self, items: int) -> None:
+        with self._lock:
+            self.retried += items
+
+    def replay(self, items: int) -> None:
+        with self._lock:
+            self.replayed += items
+
+    def roll_back(self, items: int) -> None:
+        with self._lock:
+            self.rolled_back += items
+
+    def skip(self, count: int = 1) -> None:
+        with self._lock:
+            self.skipped += count
+
+    def items_seconds(self) -> float:
+        with self._lock:
+            if self.first_item_at is None:
+                return 0.0
+            return (self.last_item_at or time.monotonic()) - self.first_item_at
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "succeeded": self.succeeded,
+                "failed": self.failed,
+                "retried": self.retried,
+                "skipped": self.skipped,
+                "replayed": self.replayed,
+                "rolled_back": self.rolled_back,
+                "commits": self.commits,
+                "done": self.succeeded + self.failed,
+                "total": self.total,
+            }

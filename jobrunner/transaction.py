@@ -1,0 +1,251 @@
+"""One unit of work in a worker thread: a chunk of 1..N items in one transaction.
+
+For each chunk: ``prepare()`` each item (outside any transaction), claim the
+chunk again if the feed needs it, ``process`` each item (or
+``process_batch`` once), record the resume keys, ask the fence whether the
+run may still commit, and commit, all on the worker's own session.
+
+When something fails:
+
+- a transient conflict (serialization failure, deadlock, SQLite busy):
+  retry the whole chunk after a backoff, counted against ``--retries``;
+- the database gone (refused, restarting, a dropped connection): wait for it
+  with the run's :class:`~jobrunner.outage.Outage`, then redo the chunk,
+  not counted against ``--retries`` (it is not the items' fault);
+- anything else, or retries used up: roll back, then replay each item of
+  the chunk alone, so that only the items that fail alone count as failed.
+
+A dry run uses the same unit on a savepoint session: "commit" releases the
+chunk's savepoint, and the whole run's transaction is rolled back at the end.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from jobrunner.db import BEGAN_INFO
+from jobrunner.feed import Entry, Feed
+from jobrunner.outage import Kind, Outage, backoff, classify
+from jobrunner.progress import Progress
+from jobrunner.result import error_line
+from jobrunner.stop import Stop
+
+log = logging.getLogger("jobrunner")
+# A database that keeps vanishing while the same chunk runs is not waited
+# for forever: after this many redos the chunk counts as failed.
+MAX_REDOS_AFTER_OUTAGE = 5
+SLOW_SQLITE_HOLD_S = 0.1
+
+
+class Verdict(enum.Enum):
+    COMMIT = "commit"
+    REDO = "redo"  # the lock was retaken since this transaction began: redo it
+    ABANDON = "abandon"  # the run may no longer commit: roll back and stop
+
+
+class Fence(Protocol):
+    """The right to commit, asked before every commit (see ``locking.py``)."""
+
+    def epoch(self) -> int: ...
+    def verdict(self, epoch: int) -> Verdict: ...
+
+
+class Keys(Protocol):
+    """Resume keys, written in the chunk's own transaction (see ``history.py``)."""
+
+    def record(self, session: Session, items: list[Any]) -> None: ...
+    def committed(self, session: Session, item: Any) -> bool: ...
+
+
+class CommitInDoubt(Exception):
+    """The connection was lost during COMMIT: the outcome is unknown. Not
+    retried, since it may have committed (a job with item_key lets
+    jobrunner check instead)."""
+
+
+class Unit:
+    """Runs chunks for the workers (one instance, shared: it keeps no per-chunk state)."""
+
+    def __init__(
+        self,
+        *,
+        job: Any,
+        ctx: Any,
+        feed: Feed,
+        fence: Fence,
+        outage: Outage,
+        stop: Stop,
+        progress: Progress,
+        retries: int,
+        keys: Keys | None,
+        on_failure: Callable[[Any, BaseException], None],
+        changes: Any = None,
+        watch_sqlite_lock: Callable[[float], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.ctx = ctx
+        self.feed = feed
+        self.fence = fence
+        self.outage = outage
+        self.stop = stop
+        self.progress = progress
+        self.retries = retries
+        self.keys = keys
+        self.on_failure = on_failure
+        self.changes = changes  # a dry run's ChangeCounter
+        self.watch_sqlite_lock = watch_sqlite_lock
+        self.batched = job.process_batch is not None
+
+    def __call__(self, session: Session, chunk: list[Entry]) -> None:
+        self.progress.started_items()
+        work = self._prepare(chunk)
+        if not work:
+            return
+        error = self._transact(session, work, claimed=True)
+        if error is None:
+            return
+        if len(work) == 1:
+            self.on_failure(work[0][0], error)
+            return
+        # Spring Batch's rule: a failed chunk is replayed one item at a time,
+        # so the good items commit and only the bad ones fail, with their own error.
+        self.progress.replay(len(work))
+        log.info("a chunk of %d items failed (%s): replaying them one at a time", len(work), error)
+        for one in work:
+            single = self._transact(session, [one], claimed=False)
+            if single is not None:
+                self.on_failure(one[0], single)
+
+    def _prepare(self, chunk: list[Entry]) -> list[tuple[Any, Any, Any]]:
+        """(item, token, value): ``value`` is what ``process`` gets."""
+        prepare = self.job.prepare
+        if prepare is None:
+            return [(item, token, item) for item, token in chunk]
+        work = []
+        for item, token in chunk:
+            try:
+                work.append((item, token, prepare(self.ctx, item)))
+            except Exception as error:  # noqa: BLE001 - the job's own code
+                self.on_failure(item, error)
+        return work
+
+    def _transact(self, session: Session, work: list, *, claimed: bool) -> BaseException | None:
+        """Commit ``work`` in one transaction. None when settled (committed,
+        claimed by someone else, or rolled back because the run stopped);
+        otherwise the error that failed it."""
+        retries = redos = 0
+        while True:
+            epoch = self.fence.epoch()
+            committing = False
+            try:
+                if not claimed:
+                    work = self._reclaim(session, work)
+                    if not work:
+                        session.rollback()
+                        return None
+                claimed = False
+                self._process(session, work)
+                if self.keys is not None:
+                    self.keys.record(session, [item for item, _, _ in work])
+                verdict = self.fence.verdict(epoch)
+                if verdict is not Verdict.COMMIT:
+                    session.rollback()
+                    self._discard()
+                    if verdict is Verdict.REDO:
+                        continue
+                    self.progress.roll_back(len(work))
+                    return None
+                committing = True
+                self._commit(session, len(work))
+                return None
+            except Exception as error:  # noqa: BLE001 - the job's code and the database's
+                _rollback(session)
+                self._discard()
+                kind = classify(error)
+                if kind is Kind.GONE:
+                    if committing:
+                        return self._in_doubt(session, work, error)
+                    if redos < MAX_REDOS_AFTER_OUTAGE and self.outage.wait(error):
+                        redos += 1
+                        self.progress.retry(len(work))
+                        continue
+                    if self.outage.gave_up or self.stop.is_set():
+                        self.progress.roll_back(len(work))
+                        return None
+                    return error
+                if kind is Kind.TRANSIENT and retries < self.retries and not self.stop.fatal:
+                    retries += 1
+                    self.progress.retry(len(work))
+                    log.info("retrying %d item(s) after %s", len(work), _line(error))
+                    time.sleep(backoff(retries))
+                    continue
+                return error
+
+    def _reclaim(self, session: Session, work: list) -> list:
+        chunk = [(item, token) for item, token, _ in work]
+        still = self.feed.reclaim(session, chunk)
+        if still is chunk:
+            return work
+        ours = {token for _, token in still}
+        return [w for w in work if w[1] in ours]
+
+    def _process(self, session: Session, work: list) -> None:
+        if self.batched and (len(work) > 1 or self.job.process is None):
+            self.job.process_batch(self.ctx, session, [value for _, _, value in work])
+        else:
+            for _, _, value in work:
+                self.job.process(self.ctx, session, value)
+
+    def _commit(self, session: Session, count: int) -> None:
+        if self.watch_sqlite_lock is not None:
+            began = session.connection().info.get(BEGAN_INFO)
+        session.commit()
+        if self.changes is not None:  # a dry run: the savepoint was released
+            self.changes.keep()
+            self.progress.dry_committed(count)
+        else:
+            self.progress.committed(count)
+        if self.watch_sqlite_lock is not None and began is not None:
+            self.watch_sqlite_lock(time.monotonic() - began)
+
+    def _discard(self) -> None:
+        if self.changes is not None:
+            self.changes.discard()
+
+    def _in_doubt(self, session: Session, work: list, error: BaseException) -> BaseException | None:
+        """The connection died during COMMIT. With resume keys, look; else fail."""
+        if self.keys is None:
+            return CommitInDoubt(
+                f"the connection was lost while committing ({_line(error)}): the outcome is "
+                "unknown, so the item was not retried (define item_key to let jobrunner check)"
+            )
+        if not self.outage.wait(error):
+            self.progress.roll_back(len(work))
+            return None
+        try:
+            done = self.keys.committed(session, work[0][0])
+            session.rollback()
+        except Exception as again:  # noqa: BLE001
+            _rollback(session)
+            return again
+        if done:
+            self.progress.committed(len(work))
+            return None
+        return self._transact(session, work, claimed=False)
+
+
+def _rollback(session: Session) -> None:
+    try:
+        session.rollback()
+    except Exception:
+        log.debug("rollback failed", exc_info=True)
+
+
+def _line(error: BaseException) -> str:
+    return error_line(error)
