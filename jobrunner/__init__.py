@@ -30,6 +30,7 @@ def __getattr__(name: str) -> Any:
         return paged
     raise AttributeError(f"module 'jobrunner' has no attribute {name!r}")
 
+
 __all__ = [
     "ConfigError",
     "DatabaseUnavailable",

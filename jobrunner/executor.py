@@ -1,5 +1,6 @@
 """The threading model, all of it: a ThreadPoolExecutor of worker loops, one
-Session per worker thread, each taking chunks of items from a feed.
+Session per worker thread, each taking chunks of items from a feed, and the
+producer thread that fills the feed from ``items()``.
 
 How "no Session crosses threads" is enforced: a worker's session is created
 inside its own loop, lives in a local variable of that loop, and is closed by
@@ -12,6 +13,7 @@ reach the workers as plain values; ORM instances are refused (see
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
@@ -48,12 +50,26 @@ class Workers(Generic[S]):
         self.take = take
         self.work = work
         self.pause = pause
+        self.thread_name = thread_name
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=thread_name)
         self._futures: list[Future[None]] = []
+        self._producer: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, produce: Callable[[], None] | None = None) -> None:
+        """Start the workers, and ``produce`` (which feeds them) in a thread of its own.
+
+        The producer thread is a daemon: a producer blocked inside ``items()``
+        when the run stops must not keep the process alive.
+        """
         self._futures = [self._pool.submit(self._loop) for _ in range(self.count)]
         self._pool.shutdown(wait=False)  # threads end with their loops; nothing else is submitted
+        if produce is not None:
+            self._producer = threading.Thread(target=produce, name=f"{self.thread_name}-items", daemon=True)
+            self._producer.start()
+
+    def join_producer(self, timeout: float) -> None:
+        if self._producer is not None:
+            self._producer.join(timeout)
 
     def alive(self) -> bool:
         return not all(f.done() for f in self._futures)

@@ -106,6 +106,32 @@ class MemoryFeed:
                 self._room.notify()
 
 
+class ItemFilter:
+    """What may become an item: resumed keys are skipped, ORM instances refused.
+
+    An ORM instance belongs to the session that loaded it, the items reader's,
+    which lives in the producer thread; a worker must never touch it.
+    """
+
+    def __init__(
+        self, skip_keys: frozenset[str], item_key: Callable[[Any], Any] | None, on_skip: Callable[[], None]
+    ):
+        self.skip_keys = skip_keys
+        self.item_key = item_key
+        self.on_skip = on_skip
+
+    def __call__(self, item: Any) -> bool:
+        if self.skip_keys and self.item_key is not None and str(self.item_key(item)) in self.skip_keys:
+            self.on_skip()
+            return False
+        if getattr(type(item), "_sa_class_manager", None) is not None:
+            raise TypeError(
+                f"items() yielded an ORM instance ({type(item).__name__}); yield its "
+                "primary key or a plain tuple instead, since ORM objects cannot cross threads"
+            )
+        return True
+
+
 def produce(
     feed: MemoryFeed,
     items: Iterable[Any],

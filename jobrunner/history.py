@@ -10,6 +10,7 @@ bookkeeping must not stop the work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -207,6 +208,40 @@ class RunRecorder:
         )
         done = self._write("record the end of this run", lambda s: s.execute(statement), patient=patient)
         return done is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Opening:
+    run_id: int | None
+    resumed_from: int | None
+    skip_keys: frozenset[str]
+
+
+def open_run(recorder: RunRecorder, config: Any, *, lock: str, resumable: bool) -> Opening:
+    """Start a run's history, once the lock is held (or without one, under
+    --no-lock): mark dead runs crashed, find what --resume skips, add our row."""
+    crashed = recorder.mark_crashed(holding_lock=lock != "none")
+    if crashed:
+        recorder.notice(f"marked {crashed} earlier run(s) of {recorder.job} as crashed")
+    resumed_from, skip = None, frozenset()
+    if config.resume:
+        latest, chain = resume_point(recorder.database, recorder.job, before=None)
+        if latest is None:
+            recorder.notice(f"nothing to resume: the latest run of {recorder.job} finished")
+        else:
+            skip = frozenset(committed_keys(recorder.database, chain))
+            resumed_from = latest
+            recorder.notice(f"resuming run {latest}: {len(skip)} items already committed are skipped")
+    run_id = recorder.start(
+        dry_run=config.dry_run,
+        workers=config.workers,
+        batch_size=config.batch_size,
+        lock=lock,
+        resumed_from=resumed_from,
+    )
+    if resumable and run_id is None and not config.dry_run:
+        recorder.notice("item keys cannot be recorded without a history row: --resume will not skip")
+    return Opening(run_id, resumed_from, skip)
 
 
 class KeyRecorder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from jobrunner import exceptions
@@ -60,6 +60,22 @@ class RunResult:
     holder: dict[str, Any] | None = None  # who holds the lock, for LOCKED
     resumed_from: int | None = None
     run_id: int | None = None
+
+    @classmethod
+    def locked(cls, job: str, held: Any, *, started_at: datetime, duration: float, config: Any) -> RunResult:
+        """The result of a run that found its job already running (exit 75)."""
+        return cls(
+            job=job,
+            status=Status.LOCKED,
+            dry_run=config.dry_run,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            duration_seconds=duration,
+            workers=config.workers,
+            batch_size=config.batch_size,
+            error=str(held),
+            holder=held.holder,
+        )
 
     @property
     def exit_code(self) -> int:

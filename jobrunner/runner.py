@@ -14,11 +14,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -30,13 +27,13 @@ from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.exceptions import ConfigError, JobError, LockHeld
 from jobrunner.executor import Workers
-from jobrunner.feed import MemoryFeed, produce
+from jobrunner.feed import ItemFilter, MemoryFeed, produce
 from jobrunner.locking import Guard, RunFence
 from jobrunner.outage import Kind, Outage, classify
 from jobrunner.progress import Progress
 from jobrunner.result import RunResult, Status, error_line, safe_repr
-from jobrunner.stop import Stop
-from jobrunner.transaction import SLOW_SQLITE_HOLD_S, Unit
+from jobrunner.stop import Stop, catch_signals
+from jobrunner.transaction import SqliteLockWatch, Unit
 
 log = logging.getLogger("jobrunner")
 TICK_S = 0.2
@@ -101,10 +98,7 @@ def _write_metrics(config: Config, result: RunResult, reporter: Reporter) -> Non
 
 class _Run:
     def __init__(self, config: Config, job: jobs.Job, database: dbmod.Database, reporter: Reporter):
-        self.config = config
-        self.job = job
-        self.database = database
-        self.reporter = reporter
+        self.config, self.job, self.database, self.reporter = config, job, database, reporter
         self.progress = Progress()
         self.stop = Stop()
         self.error: str | None = None  # setup() or items() raised: the run failed
@@ -116,15 +110,13 @@ class _Run:
             notice=reporter.notice,
             stopped=self.stop.is_set,
         )
-        recorder_outage = Outage(database.probe, config.outage_timeout)
-        self.recorder = history.RunRecorder(database, job.name, reporter.notice, recorder_outage)
+        self.recorder = history.RunRecorder(
+            database, job.name, reporter.notice, Outage(database.probe, config.outage_timeout)
+        )
         self.guard: Guard | None = None
         self.fence = RunFence(None, self.stop)
         self.changes: dryrun.ChangeCounter | None = None
-        self.run_id: int | None = None
-        self.resumed_from: int | None = None
-        self.skip_keys: set[str] = set()
-        self.warned_sqlite = False
+        self.opening = history.Opening(None, None, frozenset())
         self.ctx = JobContext(
             job=job.name,
             dry_run=config.dry_run,
@@ -133,13 +125,16 @@ class _Run:
             stopping=self.stop.event,
         )
 
-    # -- orchestration --------------------------------------------------------
     def execute(self) -> RunResult:
         started_at, t0 = datetime.now(UTC), time.monotonic()
         try:
             with self._guard():
-                self._open_history()
-                with self._signals():
+                lock = self.guard.mode if self.guard is not None else "none"
+                self.opening = history.open_run(
+                    self.recorder, self.config, lock=lock, resumable=self.job.item_key is not None
+                )
+                self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
+                with catch_signals(self.stop, self.reporter.notice, self.config.shutdown_timeout):
                     if self.config.dry_run:
                         self._dry_run()
                     elif self._setup():
@@ -149,17 +144,9 @@ class _Run:
                 # this one still 'running' and mark it crashed.
                 self.recorder.finish(result, patient=not self.abandoned)
         except LockHeld as held:
-            result = RunResult(
-                job=self.job.name,
-                status=Status.LOCKED,
-                dry_run=self.config.dry_run,
-                started_at=started_at,
-                finished_at=datetime.now(UTC),
-                duration_seconds=time.monotonic() - t0,
-                workers=self.config.workers,
-                batch_size=self.config.batch_size,
-                error=str(held),
-                holder=held.holder,
+            duration = time.monotonic() - t0
+            result = RunResult.locked(
+                self.job.name, held, started_at=started_at, duration=duration, config=self.config
             )
         self.reporter.finished(result)
         return result
@@ -174,42 +161,15 @@ class _Run:
             mode=self.config.lock,
             wait=self.config.wait_lock,
             heartbeat=self.config.heartbeat,
-            on_lost=lambda reason: self.stop.set(
-                Status.LOCK_LOST, f"lock lost: {reason}; nothing commits after this"
+            on_lost=lambda why: self.stop.set(
+                Status.LOCK_LOST, f"lock lost: {why}; nothing commits after this"
             ),
-            may_retake=lambda: self.run_id is not None and self.recorder.still_ours(),
+            may_retake=lambda: self.opening.run_id is not None and self.recorder.still_ours(),
             retake_within=self.config.outage_timeout,
             notice=self.reporter.notice,
         )
         self.fence = RunFence(self.guard, self.stop)
         return self.guard
-
-    def _open_history(self) -> None:
-        """Runs once the lock is held (or without one, under --no-lock)."""
-        crashed = self.recorder.mark_crashed(holding_lock=not self.config.no_lock)
-        if crashed:
-            self.reporter.notice(f"marked {crashed} earlier run(s) of {self.job.name} as crashed")
-        if self.config.resume:
-            latest, chain = history.resume_point(self.database, self.job.name, before=None)
-            if latest is None:
-                self.reporter.notice(f"nothing to resume: the latest run of {self.job.name} finished")
-            else:
-                self.skip_keys = history.committed_keys(self.database, chain)
-                self.resumed_from = latest
-                self.reporter.notice(
-                    f"resuming run {latest}: {len(self.skip_keys)} items already committed are skipped"
-                )
-        lock = "none" if self.config.no_lock else self.guard.mode if self.guard else "none"
-        self.run_id = self.recorder.start(
-            dry_run=self.config.dry_run,
-            workers=self.config.workers,
-            batch_size=self.config.batch_size,
-            lock=lock,
-            resumed_from=self.resumed_from,
-        )
-        self.ctx = dataclasses.replace(self.ctx, run_id=self.run_id)
-        if self.job.item_key is not None and self.run_id is None and not self.config.dry_run:
-            self.reporter.notice("item keys cannot be recorded without a history row: --resume will not skip")
 
     def _setup(self) -> bool:
         if self.job.setup is None:
@@ -239,26 +199,22 @@ class _Run:
             pause=lambda: not self.outage.active or self.outage.wait(),
             thread_name=f"jobrunner-{self.job.name}",
         )
-        workers.start()
-        producer = threading.Thread(
-            target=self._produce, args=(feed, workers), name=f"jobrunner-{self.job.name}-items", daemon=True
-        )
-        producer.start()
-        self._supervise(workers)
-        producer.join(timeout=1.0)
 
-    def _produce(self, feed: MemoryFeed, workers: Workers) -> None:
-        """The producer thread: items() with a reader session of its own."""
-        try:
-            with self.database.reader() as session:
-                session.info[paging.OUTAGE_INFO] = self.outage  # paged() waits out outages too
-                items = self.job.items(self.ctx, session)
-                self._started(items, session)
-                produce(feed, items, accept=self._accept, alive=workers.alive)
-        except Exception as error:  # noqa: BLE001 - the job's own code
-            self._failed("items()", error)
-        finally:
-            feed.close(workers.count)
+        def produce_items() -> None:  # the producer thread, with a reader session of its own
+            try:
+                with self.database.reader() as session:
+                    session.info[paging.OUTAGE_INFO] = self.outage  # paged() waits out outages too
+                    items = self.job.items(self.ctx, session)
+                    self._started(items, session)
+                    produce(feed, items, accept=self._filter(), alive=workers.alive)
+            except Exception as error:  # noqa: BLE001 - the job's own code
+                self._failed("items()", error)
+            finally:
+                feed.close(workers.count)
+
+        workers.start(produce_items)
+        self._supervise(workers)
+        workers.join_producer(timeout=1.0)
 
     def _supervise(self, workers: Workers) -> None:
         """The main thread while workers work: checkpoints, and the shutdown timeout."""
@@ -289,7 +245,7 @@ class _Run:
                 ctx=self.ctx,
                 unit=self._unit(dryrun.SERIAL),
                 changes=self.changes,
-                accept=self._accept,
+                accept=self._filter(),
                 batch_size=self.config.batch_size,
                 stop=self.stop.event,
                 started=self._started,
@@ -299,9 +255,8 @@ class _Run:
             self.changes.close()
 
     def _unit(self, feed: Any) -> Unit:
-        keys = None
-        if self.job.item_key is not None and self.run_id is not None and not self.config.dry_run:
-            keys = history.KeyRecorder(self.run_id, self.job.item_key)
+        run_id, key_of = self.opening.run_id, self.job.item_key
+        keys = history.KeyRecorder(run_id, key_of) if key_of and run_id and not self.config.dry_run else None
         watch = self.database.is_sqlite and self.config.workers > 1 and not self.config.dry_run
         return Unit(
             job=self.job,
@@ -315,37 +270,24 @@ class _Run:
             keys=keys,
             on_failure=self._item_failed,
             changes=self.changes,
-            watch_sqlite_lock=self._watch_sqlite if watch else None,
+            watch_sqlite_lock=SqliteLockWatch(self.reporter.notice) if watch else None,
         )
 
-    # -- items ------------------------------------------------------------------
+    def _filter(self) -> ItemFilter:
+        return ItemFilter(self.opening.skip_keys, self.job.item_key, self.progress.skip)
+
     def _started(self, items: Any, session: Session) -> None:
         if hasattr(items, "__len__"):
             self.progress.total = len(items)
         elif self.job.count is not None:
             self.progress.total = int(self.job.count(self.ctx, session))
-        self.reporter.started(
-            self.job.name, total=self.progress.total, progress=self.progress, run_id=self.run_id
-        )
+        run_id = self.opening.run_id
+        self.reporter.started(self.job.name, total=self.progress.total, progress=self.progress, run_id=run_id)
 
-    def _accept(self, item: Any) -> bool:
-        if self.skip_keys and str(self.job.item_key(item)) in self.skip_keys:
-            self.progress.skip()
-            return False
-        if getattr(type(item), "_sa_class_manager", None) is not None:
-            # An ORM instance belongs to the items session, which lives in the
-            # producer thread; a worker must never touch it.
-            raise TypeError(
-                f"items() yielded an ORM instance ({type(item).__name__}); yield its "
-                "primary key or a plain tuple instead, since ORM objects cannot cross threads"
-            )
-        return True
-
-    # -- outcomes -----------------------------------------------------------------
     def _item_failed(self, item: Any, error: BaseException) -> None:
         shown, line = safe_repr(item), error_line(error)
         failed = self.progress.failure(shown, line)
-        log.error("item %s failed: %s", shown, line, exc_info=error)
+        log.error("item %s failed: %s", shown, line, exc_info=error, extra={"item_failure": True})
         limit = self.config.max_failures
         if limit is not None and failed > limit:
             self.stop.set(Status.ABORTED, f"aborted: more than {limit} items failed")
@@ -361,17 +303,11 @@ class _Run:
             self.error = self.error or message
         log.error("%s", message, exc_info=error)
 
-    def _watch_sqlite(self, held: float) -> None:
-        if held > SLOW_SQLITE_HOLD_S and not self.warned_sqlite:
-            self.warned_sqlite = True
-            self.reporter.notice(
-                f"an item held SQLite's write lock for {held:.2f}s, so the other workers waited: on "
-                "SQLite, items run one at a time from their first statement to their commit. Do slow "
-                "work that needs no database in prepare() (see the README's SQLite section)"
-            )
-
     def _result(self, started_at: datetime, t0: float) -> RunResult:
         snap = self.progress.snapshot()
+        message = self.stop.message or self.error
+        if message and snap["rolled_back"]:
+            message += f" ({snap['rolled_back']} finished items were rolled back, not committed)"
         return RunResult(
             job=self.job.name,
             status=self.stop.reason or (Status.FAILED if self.error or snap["failed"] else Status.SUCCEEDED),
@@ -385,39 +321,8 @@ class _Run:
             batch_size=self.config.batch_size,
             failures=tuple(self.progress.failures),
             changes=self.changes.report() if self.changes else {},
-            error=self._error_text(snap["rolled_back"]),
+            error=message,
             signal=self.stop.signal,
-            run_id=self.run_id,
-            resumed_from=self.resumed_from,
+            run_id=self.opening.run_id,
+            resumed_from=self.opening.resumed_from,
         )
-
-    def _error_text(self, rolled_back: int) -> str | None:
-        message = self.stop.message or self.error
-        if message is None or not rolled_back:
-            return message
-        return f"{message} ({rolled_back} finished items were rolled back, not committed)"
-
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            if self.stop.signal is not None:
-                # A second signal: leave at once; the database rolls back.
-                os._exit(128 + signum)
-            name = signal.Signals(signum).name
-            self.stop.set(Status.INTERRUPTED, f"interrupted by {name}", signum=signum)
-            self.stop.signal = signum
-            self.reporter.notice(
-                f"{name} received: finishing in-flight items (up to "
-                f"{self.config.shutdown_timeout:g}s); send it again to exit at once"
-            )
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

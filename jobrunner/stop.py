@@ -8,7 +8,12 @@ that the run could no longer commit, not merely that it was interrupted).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from jobrunner.result import Status
 
@@ -42,3 +47,30 @@ class Stop:
     def fatal(self) -> bool:
         """True once the run may no longer commit anything."""
         return self.reason in FATAL
+
+
+@contextlib.contextmanager
+def catch_signals(stop: Stop, notice: Callable[[str], None], shutdown_timeout: float) -> Iterator[None]:
+    """SIGTERM/SIGINT stop the run gracefully; a second one leaves at once
+    (the database rolls back whatever was in flight)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.signal is not None:
+            os._exit(128 + signum)
+        name = signal.Signals(signum).name
+        stop.set(Status.INTERRUPTED, f"interrupted by {name}", signum=signum)
+        stop.signal = signum
+        notice(
+            f"{name} received: finishing in-flight items (up to {shutdown_timeout:g}s); "
+            "send it again to exit at once"
+        )
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -240,6 +240,24 @@ class Unit:
         return self._transact(session, work, claimed=False)
 
 
+class SqliteLockWatch:
+    """Says once when an item held SQLite's one write lock long enough to make
+    the other workers wait: the first sign should not be a 30 s busy timeout."""
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        self.notice = notice
+        self.warned = False
+
+    def __call__(self, held: float) -> None:
+        if held > SLOW_SQLITE_HOLD_S and not self.warned:
+            self.warned = True
+            self.notice(
+                f"an item held SQLite's write lock for {held:.2f}s, so the other workers waited: on "
+                "SQLite, items run one at a time from their first statement to their commit. Do slow "
+                "work that needs no database in prepare() (see the README's SQLite section)"
+            )
+
+
 def _rollback(session: Session) -> None:
     try:
         session.rollback()
