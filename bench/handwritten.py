@@ -3,6 +3,7 @@ ThreadPoolExecutor, one sessionmaker, a session per worker thread, a commit
 per item. The contender jobrunner is measured against."""
 
 import argparse
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,10 +53,13 @@ def main() -> None:
             session.rollback()
             raise
 
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
         for future in [pool.submit(work, i) for i in range(1, args.items + 1)]:
             future.result()
+    seconds = time.perf_counter() - t0
     engine.dispose()
+    print(json.dumps({"items": args.items, "seconds": seconds}))
 
 
 if __name__ == "__main__":

@@ -369,6 +369,326 @@ def _grab(text_: str, pattern: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# -- 7: batches, against the server's and the driver's limits ------------------------------
+PGBENCH_SCRIPT = "\\set id random(1, {rows})\nUPDATE bench_rows SET n = n + 1 WHERE id = :id;\n"
+
+
+def _rate(cmd: list[str]) -> float:
+    """Items per second of processing, from a contender's own JSON line."""
+    _, out = timed(cmd)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    if "items_per_second" in data:
+        return data["succeeded"] / data["items_seconds"]
+    return data["items"] / data["seconds"]
+
+
+def _pgbench(url: str, clients: int, rows: int, seconds: int = 5) -> float:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    script = Path(tempfile.mkstemp(suffix=".sql")[1])
+    script.write_text(PGBENCH_SCRIPT.format(rows=rows))
+    pgbench = Path(__import__("pgserver").find_bindir()) / "pgbench"
+    out = subprocess.run(
+        [
+            str(pgbench),
+            "-n",
+            "-f",
+            str(script),
+            "-c",
+            str(clients),
+            "-j",
+            str(clients),
+            "-T",
+            str(seconds),
+            "-h",
+            parsed.host,
+            "-p",
+            str(parsed.port),
+            "-U",
+            parsed.username,
+            parsed.database,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    script.unlink()
+    import re
+
+    return float(re.search(r"tps = ([\d.]+) \(without initial", out.stdout).group(1))
+
+
+def bench_batches(profile: str, url: str, runs: int, items: int, workers_list: list[int]) -> list[dict]:
+    reset_rows(url, items)
+    rows = []
+    for workers in workers_list:
+        w = str(workers)
+        jr = [
+            *jobrunner_cmd(),
+            "run",
+            "--jobs-path",
+            JOBS,
+            "--database-url",
+            url,
+            "-w",
+            w,
+            "--json",
+            "-q",
+            "--param",
+            f"n={items}",
+        ]
+        contenders = {
+            "hand-written": [
+                sys.executable,
+                str(HERE / "handwritten.py"),
+                "--url",
+                url,
+                "--workers",
+                w,
+                "--items",
+                str(items),
+            ],
+            "batch 1": [*jr, "bench_update", "-b", "1"],
+            "batch 10": [*jr, "bench_update", "-b", "10"],
+            "batch 100": [*jr, "bench_update", "-b", "100"],
+            "batch 1000": [*jr, "bench_update", "-b", "1000"],
+            "process_batch 100": [*jr, "bench_update_set", "-b", "100"],
+            "process_batch 1000": [*jr, "bench_update_set", "-b", "1000"],
+            "psycopg2 per item": [
+                sys.executable,
+                str(HERE / "rawdriver.py"),
+                "--url",
+                url,
+                "--workers",
+                w,
+                "--items",
+                str(items),
+            ],
+            "psycopg2 per 100": [
+                sys.executable,
+                str(HERE / "rawdriver.py"),
+                "--url",
+                url,
+                "--workers",
+                w,
+                "--items",
+                str(items),
+                "--per",
+                "100",
+            ],
+        }
+        rates: dict[str, list[float]] = {label: [] for label in [*contenders, "pgbench"]}
+        for _ in range(runs):
+            for label, cmd in contenders.items():  # alternating, side by side
+                vacuum(url)
+                rates[label].append(_rate(cmd))
+            vacuum(url)
+            rates["pgbench"].append(_pgbench(url, workers, items))
+        row = {"profile": profile, "workers": workers, **{label: med(v) for label, v in rates.items()}}
+        print(f"  batches {profile} w={workers}: {row}", flush=True)
+        rows.append(row)
+    return rows
+
+
+# -- 8: the cost of the safe isolation default ----------------------------------------------
+def bench_isolation(url: str, runs: int, items: int, workers: int = 4) -> list[dict]:
+    reset_rows(url, items)
+    base = [
+        *jobrunner_cmd(),
+        "run",
+        "bench_update",
+        "--jobs-path",
+        JOBS,
+        "--database-url",
+        url,
+        "-w",
+        str(workers),
+        "--json",
+        "-q",
+        "--param",
+        f"n={items}",
+    ]
+    levels = ("read_committed", "repeatable_read", "serializable")
+    rates: dict[str, list[float]] = {level: [] for level in levels}
+    for _ in range(runs):
+        for level in levels:
+            vacuum(url)
+            rates[level].append(_rate([*base, "--isolation", level]))
+    rows = [{"isolation": level, "items_per_s": med(v)} for level, v in rates.items()]
+    for row in rows:
+        row["vs_rc"] = row["items_per_s"] / rows[0]["items_per_s"]
+    print(f"  isolation: {rows}", flush=True)
+    return rows
+
+
+# -- 9: a dry run against a real run --------------------------------------------------------
+def bench_dry_run(name: str, url_for: callable, runs: int) -> dict:
+    """The example job (2,000 products): a real run at 4 workers on a fresh
+    database, against a dry run of the same on a fresh database."""
+    jobs = str(REPO / "jobs")
+    real, dry = [], []
+    for i in range(runs):
+        for label, extra, sink in (("real", [], real), ("dry", ["--dry-run"], dry)):
+            url = url_for(f"{label}{i}")
+            elapsed, _ = timed(
+                [
+                    *jobrunner_cmd(),
+                    "run",
+                    "update",
+                    "--jobs-path",
+                    jobs,
+                    "--database-url",
+                    url,
+                    "-w",
+                    "4",
+                    "-q",
+                    *extra,
+                ]
+            )
+            sink.append(elapsed)
+    row = {"db": name, "real_s": med(real), "dry_s": med(dry)}
+    row["ratio"] = row["dry_s"] / row["real_s"]
+    print(f"  dry run {name}: {row}", flush=True)
+    return row
+
+
+# -- 10: SQLite and slow items ------------------------------------------------------------------
+def bench_sqlite_slow(url: str, items: int = 50) -> list[dict]:
+    rows = []
+    for where in ("process", "prepare"):
+        for workers in (1, 8, 32):
+            elapsed, _ = timed(
+                [
+                    *jobrunner_cmd(),
+                    "run",
+                    "bench_slow_write",
+                    "--jobs-path",
+                    JOBS,
+                    "--database-url",
+                    url,
+                    "-w",
+                    str(workers),
+                    "-q",
+                    "--no-lock",
+                    "--param",
+                    f"n={items}",
+                    "--param",
+                    f"where={where}",
+                ]
+            )
+            rows.append({"where": where, "workers": workers, "items": items, "seconds": elapsed})
+            print(f"  sqlite slow: {rows[-1]}", flush=True)
+    return rows
+
+
+# -- 11: a restart mid-run ------------------------------------------------------------------
+def bench_restart(server, url: str, items: int = 20000) -> list[dict]:
+    """A fast restart two seconds into a run, with and without the lock: items
+    failed (target 0) and how long the run waited for the database."""
+    import re
+
+    rows = []
+    for lock in ([], ["--no-lock"]):
+        reset_rows(url, items)
+        proc = subprocess.Popen(
+            [
+                *jobrunner_cmd(),
+                "run",
+                "bench_update",
+                "--jobs-path",
+                JOBS,
+                "--database-url",
+                url,
+                "-w",
+                "4",
+                "--param",
+                f"n={items}",
+                "--param",
+                "sleep=0.0005",
+                "--json",
+                *lock,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env(),
+        )
+        time.sleep(2.5)
+        t0 = time.monotonic()
+        server.pg_ctl("-m", "fast", "-w", "restart")
+        restart_s = time.monotonic() - t0
+        out, err = proc.communicate(timeout=300)
+        summary = json.loads(out)
+        waited = [float(x) for x in re.findall(r"the database is back after ([\d.]+)s", err)]
+        rows.append(
+            {
+                "lock": "no lock" if lock else "row lock",
+                "exit": proc.returncode,
+                "succeeded": summary["succeeded"],
+                "failed": summary["failed"],
+                "restart_s": restart_s,
+                "waited_s": max(waited) if waited else 0.0,
+                "retaken": "lock taken again" in err,
+            }
+        )
+        print(f"  restart: {rows[-1]}", flush=True)
+    return rows
+
+
+# -- 12: VACUUM and how items() reads ------------------------------------------------------------
+def bench_vacuum_items(url: str) -> list[dict]:
+    rows = []
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    for source in ("paged", "stream"):
+        reset_rows(url, 1000)
+        folder = Path(tempfile.mkdtemp())
+        (folder / "jobrunner.toml").write_text('[jobs.bench_paged]\nlock = "advisory"\n')
+        holder = subprocess.Popen(
+            [
+                *jobrunner_cmd(),
+                "run",
+                "bench_paged",
+                "--jobs-path",
+                JOBS,
+                "--database-url",
+                url,
+                "-w",
+                "2",
+                "--param",
+                f"source={source}",
+                "-q",
+            ],
+            cwd=folder,
+            env=env(),
+        )
+        _wait_guard(engine, "bench_paged", holder.pid)
+        time.sleep(2.0)
+        raw = engine.raw_connection()
+        try:
+            raw.dbapi_connection.autocommit = True
+            cursor = raw.cursor()
+            cursor.execute("UPDATE bench_rows SET n = n + 1")
+            time.sleep(1.0)  # item transactions older than the UPDATE end
+            cursor.execute("VACUUM (VERBOSE) bench_rows")
+            notices = " ".join(raw.dbapi_connection.notices)
+        finally:
+            raw.close()
+        holder.send_signal(signal.SIGTERM)
+        holder.wait(timeout=60)
+        shutil.rmtree(folder)
+        rows.append(
+            {
+                "items": "jobrunner.paged()" if source == "paged" else "yield_per (one cursor)",
+                "dead_removed": _grab(notices, r"tuples: (\d+) removed"),
+                "dead_not_removable": _grab(notices, r"(\d+) are dead but not yet removable"),
+            }
+        )
+        print(f"  vacuum items: {rows[-1]}", flush=True)
+    engine.dispose()
+    return rows
+
+
 # -- report --------------------------------------------------------------------------------------
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     head = "| " + " | ".join(c[1] for c in columns) + " |"
@@ -381,6 +701,47 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
             cells.append("" if value is None else format(value, fmt))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+BATCH_CONTENDERS = (
+    "hand-written",
+    "batch 1",
+    "batch 10",
+    "batch 100",
+    "batch 1000",
+    "process_batch 100",
+    "process_batch 1000",
+    "psycopg2 per item",
+    "psycopg2 per 100",
+    "pgbench",
+)
+
+
+def plot_batches(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = sorted({r["profile"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(profiles), figsize=(12, 4.8), sharey=True)
+    for ax, profile in zip(axes, profiles, strict=True):
+        points = [r for r in rows if r["profile"] == profile]
+        workers = [p["workers"] for p in points]
+        for label in BATCH_CONTENDERS:
+            style = ":" if label.startswith(("psycopg2", "pgbench")) else "-"
+            ax.plot(workers, [p[label] for p in points], marker="o", linestyle=style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(workers, [str(w) for w in workers])
+        ax.set_xlabel("workers (pgbench: clients)")
+        ax.set_title(f"PostgreSQL, {profile}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("items per second (median)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("One UPDATE per item: per-item commits, chunks, set-based, and the limits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(scaling: list[dict], path: Path) -> None:
@@ -412,75 +773,143 @@ def plot(scaling: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SECTIONS = (
+    "overhead",
+    "scaling",
+    "memory",
+    "lock",
+    "startup",
+    "batches",
+    "isolation",
+    "dry_run",
+    "sqlite_slow",
+    "restart",
+    "vacuum_items",
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--database-url", help="PostgreSQL URL to use instead of starting a server")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 runs, fewer items")
     parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated sections to measure ({', '.join(SECTIONS)}); "
+        "the others keep their last results",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite the report from bench/results/latest.json, measuring nothing",
     )
     args = parser.parse_args()
+    latest = HERE / "results" / "latest.json"
     if args.report_only:
-        saved = json.loads((HERE / "results" / "latest.json").read_text())
+        saved = json.loads(latest.read_text())
         write_report(saved["results"], Path(args.output), saved["runs"], saved["items"], saved["quick"])
         return
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    unknown = only - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     runs = 2 if args.quick else args.runs
     items = 2000 if args.quick else 20000
     mem_sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
 
-    server = None
-    pg_url = args.database_url
-    if pg_url is None:
-        from pgserver import PostgresServer, find_bindir
+    from pgserver import PostgresServer, find_bindir
 
-        server = PostgresServer(find_bindir())
-        server.start()
-        admin = create_engine(server.admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE bench"))
-        admin.dispose()
-        pg_url = server.admin_url.rsplit("/", 1)[0] + "/bench"
+    # Two servers side by side: fsync off (the first benchmarks' profile, kept for
+    # comparison) and production-like (fsync and synchronous_commit on, the
+    # defaults a real server runs with). Both on this machine, over loopback.
+    fast, durable = PostgresServer(find_bindir()), PostgresServer(find_bindir(), durable=True)
+    fast.start()
+    durable.start()
+    pg_url = _database(fast, "bench")
+    prod_url = _database(durable, "bench")
     work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))
     sqlite_url = f"sqlite:///{work / 'bench.db'}"
     databases = [("sqlite", sqlite_url), ("postgresql", pg_url)]
-    results: dict = {}
+    saved = json.loads(latest.read_text()) if latest.exists() and args.only else {"results": {}}
+    results: dict = saved["results"]
+    counter = iter(range(10_000))
     try:
-        print("overhead", flush=True)
-        results["overhead"] = [
-            r
-            for name, url in databases
-            for r in bench_overhead(name, url, runs, items, [1, 4, 16], raw=name == "postgresql")
-        ]
-        results["profile"] = profile_one_worker(pg_url, min(items, 5000))
-        print("scaling", flush=True)
-        results["scaling"] = [
-            r
-            for name, url in databases
-            for r in bench_scaling(name, url, runs, 30 if args.quick else 150, [1, 2, 4, 8, 16, 32])
-        ]
-        print("memory", flush=True)
-        results["memory"] = [r for name, url in databases for r in bench_memory(name, url, mem_sizes)]
-        print("lock", flush=True)
-        results["lock"] = [bench_lock(name, url, runs) for name, url in databases]
-        results["vacuum"] = bench_vacuum(pg_url)
-        print("startup", flush=True)
-        results["startup"] = bench_startup(max(runs, 10), sqlite_url)
+        if "overhead" in only:
+            print("overhead", flush=True)
+            results["overhead"] = [
+                r
+                for name, url in databases
+                for r in bench_overhead(name, url, runs, items, [1, 4, 16], raw=name == "postgresql")
+            ]
+            results["profile"] = profile_one_worker(pg_url, min(items, 5000))
+        if "scaling" in only:
+            print("scaling", flush=True)
+            results["scaling"] = [
+                r
+                for name, url in databases
+                for r in bench_scaling(name, url, runs, 30 if args.quick else 150, [1, 2, 4, 8, 16, 32])
+            ]
+        if "memory" in only:
+            print("memory", flush=True)
+            results["memory"] = [r for name, url in databases for r in bench_memory(name, url, mem_sizes)]
+        if "lock" in only:
+            print("lock", flush=True)
+            results["lock"] = [bench_lock(name, url, runs) for name, url in databases]
+            results["vacuum"] = bench_vacuum(pg_url)
+        if "startup" in only:
+            print("startup", flush=True)
+            results["startup"] = bench_startup(max(runs, 10), sqlite_url)
+        batch_runs, batch_items = (1, 2000) if args.quick else (3, 10000)
+        if "batches" in only:
+            print("batches", flush=True)
+            results["batches"] = bench_batches(
+                "production-like", prod_url, batch_runs, batch_items, [1, 4, 16]
+            ) + bench_batches("fsync off", pg_url, batch_runs, batch_items, [1, 4, 16])
+        if "isolation" in only:
+            print("isolation", flush=True)
+            results["isolation"] = bench_isolation(prod_url, runs, batch_items)
+        if "dry_run" in only:
+            print("dry run", flush=True)
+            results["dry_run"] = [
+                bench_dry_run("sqlite", lambda tag: f"sqlite:///{work / f'dry-{tag}.db'}", batch_runs),
+                bench_dry_run(
+                    "postgresql", lambda tag: _database(fast, f"dry_{tag}_{next(counter)}"), batch_runs
+                ),
+            ]
+        if "sqlite_slow" in only:
+            print("sqlite slow items", flush=True)
+            results["sqlite_slow"] = bench_sqlite_slow(
+                f"sqlite:///{work / 'slow.db'}", 20 if args.quick else 50
+            )
+        if "restart" in only:
+            print("restart", flush=True)
+            results["restart"] = bench_restart(durable, prod_url)
+        if "vacuum_items" in only:
+            print("vacuum and items()", flush=True)
+            results["vacuum_items"] = bench_vacuum_items(pg_url)
     finally:
-        if server is not None:
-            server.stop()
+        fast.stop()
+        durable.stop()
         shutil.rmtree(work, ignore_errors=True)
     (HERE / "results").mkdir(exist_ok=True)
     saved = {"results": results, "runs": runs, "items": items, "quick": args.quick}
-    (HERE / "results" / "latest.json").write_text(json.dumps(saved, indent=2))
-    plot(results["scaling"], HERE / "throughput.png")
+    latest.write_text(json.dumps(saved, indent=2))
+    if "scaling" in results:
+        plot(results["scaling"], HERE / "throughput.png")
+    if "batches" in results:
+        plot_batches(results["batches"], HERE / "batches.png")
     write_report(results, Path(args.output), runs, items, args.quick)
-    print(f"wrote {args.output} and {HERE / 'throughput.png'}")
+    print(f"wrote {args.output}")
+
+
+def _database(server, name: str) -> str:
+    admin = create_engine(server.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server.admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def profile_shares(profile: str) -> tuple[float, float, int]:
@@ -516,8 +945,10 @@ def write_report(r: dict, path: Path, runs: int, items: int, quick: bool) -> Non
 
 Written by `python bench/run.py`{" --quick (smoke-test sizes: not for quoting)" if quick else ""} on
 {time.strftime("%Y-%m-%d")}: {os.cpu_count()} cores ({model}), {platform.system()} {platform.release()},
-Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, PostgreSQL server started
-by the benchmark on the same machine (fsync off, loopback TCP), SQLite in WAL mode with
+Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, PostgreSQL servers started
+by the benchmark on the same machine over loopback TCP: sections 1-6 and 12 on one with fsync
+off (labelled "fsync off"), sections 7, 8 and 11 also or only on a production-like one (fsync,
+synchronous_commit and full_page_writes on, the defaults); SQLite in WAL mode with
 synchronous=FULL on local disk. Every timing is the median of {runs} runs; contenders
 in a comparison ran side by side in the same loop, alternating. Raw numbers:
 `bench/results/latest.json` (not committed).
@@ -653,6 +1084,8 @@ Target: under 250 ms each.
 `jobrunner --help` and `jobrunner list` import neither SQLAlchemy nor rich: `list` reads each job's
 docstring with `ast` instead of importing the module.
 
+{extra_sections(r)}
+
 ## What limits these numbers
 
 - The machine has {os.cpu_count()} cores, shared by the benchmark, the contenders and the PostgreSQL
@@ -669,6 +1102,126 @@ docstring with `ast` instead of importing the module.
   lock, the schema check and the history row are fixed costs that 20,000 items dilute.
 """
     path.write_text(text_)
+
+
+def extra_sections(r: dict) -> str:
+    parts = []
+    if "batches" in r:
+        parts.append(batches_section(r["batches"]))
+    if "isolation" in r:
+        parts.append(
+            "## 8. The safe isolation default costs\n\n"
+            "The UPDATE job at 4 workers, one item per transaction, on the production-like server, "
+            "at each isolation level, side by side (items/s of processing, median).\n\n"
+            + table(
+                r["isolation"],
+                [
+                    ("isolation", "isolation", "s"),
+                    ("items_per_s", "items/s", ".0f"),
+                    ("vs_rc", "x read_committed", ".3f"),
+                ],
+            )
+        )
+    if "dry_run" in r:
+        parts.append(
+            "## 9. A dry run against a real run\n\n"
+            "The example job (`jobs/update.py`: creates and seeds 2,000 products, then reprices each) on a "
+            "fresh database, whole process, `-w 4`. The dry run is one transaction, one item at a time.\n\n"
+            + table(
+                r["dry_run"],
+                [
+                    ("db", "database", "s"),
+                    ("real_s", "real run s", ".2f"),
+                    ("dry_s", "dry run s", ".2f"),
+                    ("ratio", "dry / real", ".2f"),
+                ],
+            )
+        )
+    if "sqlite_slow" in r:
+        parts.append(
+            "## 10. SQLite and slow items\n\n"
+            "Each item reads a row, makes a 0.2 s call, and writes the row back: the call inside "
+            "`process()` (holding SQLite's write lock) or in `prepare()` (before the transaction). "
+            "Whole-process seconds.\n\n"
+            + table(
+                r["sqlite_slow"],
+                [
+                    ("where", "slow call in", "s"),
+                    ("workers", "workers", "d"),
+                    ("items", "items", "d"),
+                    ("seconds", "seconds", ".1f"),
+                ],
+            )
+        )
+    if "restart" in r:
+        parts.append(
+            "## 11. A server restart mid-run\n\n"
+            "20,000 UPDATE items at 4 workers on the production-like server; `pg_ctl restart -m fast` "
+            "2.5 s in. `waited` is the longest wait for the database the run reported.\n\n"
+            + table(
+                r["restart"],
+                [
+                    ("lock", "lock", "s"),
+                    ("exit", "exit", "d"),
+                    ("succeeded", "succeeded", "d"),
+                    ("failed", "failed", "d"),
+                    ("restart_s", "restart took s", ".2f"),
+                    ("waited_s", "run waited s", ".2f"),
+                    ("retaken", "lock retaken", ""),
+                ],
+            )
+        )
+    if "vacuum_items" in r:
+        parts.append(
+            "## 12. VACUUM and how items() reads\n\n"
+            "A run with the advisory lock reads 100,000 ids; meanwhile another session updates 1,000 "
+            "rows of another table and VACUUMs it (fsync-off server).\n\n"
+            + table(
+                r["vacuum_items"],
+                [
+                    ("items", "items() reads with", "s"),
+                    ("dead_removed", "dead rows removed", "d"),
+                    ("dead_not_removable", "dead but not yet removable", "d"),
+                ],
+            )
+        )
+    return "\n\n".join(parts)
+
+
+def batches_section(rows: list[dict]) -> str:
+    columns = [("profile", "server", "s"), ("workers", "workers", "d")] + [
+        (label, label, ".0f") for label in BATCH_CONTENDERS
+    ]
+    prod = {row["workers"]: row for row in rows if row["profile"] == "production-like"}
+    checks = []
+    if 4 in prod:
+        ratio = prod[4]["batch 100"] / prod[4]["batch 1"]
+        checks.append(f"- batch 100 against batch 1 at 4 workers: **{ratio:.2f}x** (target at least 5x)")
+    for workers, row in sorted(prod.items()):
+        ratio = row["psycopg2 per 100"] / row["process_batch 1000"]
+        checks.append(
+            f"- raw psycopg2 per 100 against process_batch 1000 at {workers} workers: **{ratio:.2f}x** "
+            "(target at most 1.5x)"
+        )
+    for workers, row in sorted(prod.items()):
+        ratio = row["hand-written"] / row["batch 1"]
+        checks.append(
+            f"- the hand-written script against batch 1 at {workers} workers: **{ratio:.3f}x** "
+            "(target at most 1.05x)"
+        )
+    return (
+        "## 7. Batches: several items per transaction\n\n"
+        "Items per second of processing (each contender's own clock, start-up excluded), median of the "
+        "runs, contenders alternating. Every item is `UPDATE bench_rows SET n = n + 1 WHERE id = :id`. "
+        "`batch N`: jobrunner with `--batch-size N` and the per-item `process()`; `process_batch N`: one "
+        "`UPDATE ... WHERE id IN (...)` per chunk; `psycopg2 per item / per 100`: the driver alone, one "
+        "connection per thread, a commit per item or per 100 statements; `pgbench`: the server's own "
+        "rate for the same UPDATE, one per transaction, as many clients as workers.\n\n"
+        + table(rows, columns)
+        + "\n\nTargets, production-like server:\n\n"
+        + "\n".join(checks)
+        + "\n\n![items/s against workers, both servers](bench/batches.png)"
+    )
 
 
 def driver_analysis(r: dict) -> str:

@@ -167,6 +167,18 @@ def cli() -> None:
     "replayed one item at a time.",
 )
 @click.option(
+    "-P",
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Worker processes on this host, each with --workers threads (PostgreSQL; default 1).",
+)
+@click.option(
+    "--join",
+    is_flag=True,
+    default=None,
+    help="Help the run of JOB in progress (if it accepts helpers), else start one that does.",
+)
+@click.option(
     "--isolation",
     type=click.Choice(configmod.ISOLATION_LEVELS),
     help="Isolation level of item transactions (default: repeatable_read on PostgreSQL; "

@@ -114,6 +114,8 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "lock": (_choice(LOCK_MODES), "both"),
     "isolation": (_choice(ISOLATION_LEVELS), "both"),
     "batch_size": (_int(1), "both"),
+    "processes": (_int(1), "both"),
+    "join": (_bool, "both"),
     "outage_timeout": (_float(0), "both"),
     "wait_lock": (_float(0), "both"),
     "heartbeat": (_float(0, strict=True), "both"),
@@ -137,6 +139,8 @@ class Config:
     job: str | None = None
     workers: int = 4
     batch_size: int = 1
+    processes: int = 1  # more than 1, or join: a distributed run (PostgreSQL)
+    join: bool = False
     isolation: str | None = None  # None: the database's safe default (see db.py)
     no_lock: bool = False
     lock: str = "row"
@@ -169,6 +173,10 @@ class Config:
         if not self.metrics_file:
             return None
         return Path(self.metrics_file.replace("{job}", self.job or "jobrunner"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes > 1 or self.join
 
     def origin(self, key: str) -> str:
         """Where ``key`` was set, for an error message."""

@@ -121,7 +121,7 @@ class Database:
         self._extra_engines.append(engine)
         return self._owned(engine)
 
-    def guard_session(self, job: str) -> Session:
+    def guard_session(self, job: str, role: str = "lock") -> Session:
         """The singleton guard's session: same factory, an engine of its own.
 
         Its own engine gives it its own application_name, connection options
@@ -137,7 +137,7 @@ class Database:
                 self.url,
                 pool_size=1,
                 max_overflow=0,
-                application_name=f"jobrunner {job} lock",
+                application_name=f"jobrunner {job} {role}",
                 server_options=PG_SERVER_OPTIONS + " -c idle_in_transaction_session_timeout=0",
                 isolation=BOOKKEEPING,
             )

@@ -47,10 +47,10 @@ class LockHeld(JobrunnerError):
 
     exit_code = EX_TEMPFAIL
 
-    def __init__(self, job: str, holder: dict | None = None) -> None:
+    def __init__(self, job: str, holder: dict | None = None, message: str | None = None) -> None:
         self.job = job
         self.holder = holder or {}
-        super().__init__(f"{job} is already running{describe_holder(self.holder)}")
+        super().__init__(message or f"{job} is already running{describe_holder(self.holder)}")
 
 
 class LockLost(JobrunnerError):

@@ -50,12 +50,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from jobrunner import db as dbmod
 from jobrunner import tables
-from jobrunner.exceptions import DatabaseUnavailable, JobrunnerError, LockHeld
+from jobrunner.exceptions import EX_UNAVAILABLE, DatabaseUnavailable, JobrunnerError, LockHeld
 from jobrunner.outage import Kind, classify, is_sqlite_busy
+from jobrunner.result import Status
 from jobrunner.stop import Stop
 from jobrunner.transaction import Verdict
 
 POLL_INTERVAL_S = 0.1
+LEADER_GRACE_BEATS = 5
 RETAKE_BACKOFF_CAP_S = 2.0
 
 
@@ -64,42 +66,42 @@ def advisory_key(job: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-class Guard:
-    """Hold the job's lock for the ``with`` block; raise :class:`LockHeld` if taken.
+class _Heartbeat:
+    """A right to commit, held by a session that one thread owns and beats.
 
-    ``lost`` becomes set, and ``on_lost(reason)`` is called, once the lock is
-    lost for good. ``may_retake()``, when given, is asked after the lock was
-    taken again following a failed heartbeat: False means another run may
-    have worked meanwhile, and the lock counts as lost.
+    The owner thread takes the right (``_take``), checks it every heartbeat
+    (``_beat``), and when a check fails puts it in doubt and tries to take it
+    again for up to ``retake_within`` seconds. Workers ask :meth:`verdict`
+    before every commit. Subclasses: :class:`Guard` (the job's lock) and
+    :class:`HelperFence` (a helper's right to work for a distributed run).
     """
+
+    what = "lock"
 
     def __init__(
         self,
         database: dbmod.Database,
         job: str,
         *,
-        mode: str = "row",
-        wait: float = 0.0,
-        heartbeat: float = 1.0,
-        on_lost: Callable[[str], None] | None = None,
-        record_holder: bool = True,
-        may_retake: Callable[[], bool] | None = None,
-        retake_within: float = 0.0,
-        notice: Callable[[str], None] | None = None,
+        heartbeat: float,
+        on_lost: Callable[[str], None] | None,
+        may_retake: Callable[[], bool] | None,
+        retake_within: float,
+        notice: Callable[[str], None] | None,
     ) -> None:
         self.database = database
         self.job = job
-        self.mode = "file" if database.is_sqlite else mode
-        self.wait = wait
         self.heartbeat = heartbeat
         self.on_lost = on_lost
-        self.record_holder = record_holder
         self.may_retake = may_retake
         self.retake_within = retake_within
         self.notice = notice or (lambda _text: None)
         self.lost = threading.Event()
         self.lost_reason: str | None = None
         self.retakes = 0
+        # How long a NotYet (see HelperFence) is waited for; the database's own
+        # absence is waited for the whole outage bound.
+        self.not_yet_within = retake_within
         self._in_doubt = False
         self._beat_at = 0.0
         self._cond = threading.Condition()
@@ -109,7 +111,7 @@ class Guard:
         self._thread: threading.Thread | None = None
 
     # -- the owner thread's side -------------------------------------------
-    def __enter__(self) -> Guard:
+    def __enter__(self) -> Any:
         self._thread = threading.Thread(target=self._own, name=f"jobrunner-guard-{self.job}", daemon=True)
         self._thread.start()
         self._acquired.wait()
@@ -134,7 +136,7 @@ class Guard:
             self._thread.join(timeout)
 
     def check(self) -> bool:
-        """True while the lock is held (and not in doubt)."""
+        """True while the right is held (and not in doubt)."""
         return not self.lost.is_set() and not self._in_doubt
 
     # -- the fence: asked by every worker before each commit -----------------
@@ -142,14 +144,19 @@ class Guard:
         return self.retakes
 
     def verdict(self, epoch: int) -> Verdict:
-        """COMMIT while the lock is held and was last confirmed recently;
-        REDO if it was retaken since ``epoch``; ABANDON once it is lost.
+        """COMMIT while the right is held and was last confirmed recently;
+        REDO if it was taken again since ``epoch``; ABANDON once it is lost.
 
         "Recently": within two heartbeats. A process that was frozen (SIGSTOP,
         a paused VM) may have lost its lock while it slept; its workers wait
         here for a fresh heartbeat rather than commit on stale knowledge.
         """
         stale_after = 2 * self.heartbeat + 0.5
+        # The common case, without the lock (workers ask before every commit):
+        # each attribute is read atomically, and a stale read only sends us
+        # the careful way below.
+        if not self.lost.is_set() and not self._in_doubt and time.monotonic() - self._beat_at <= stale_after:
+            return Verdict.REDO if epoch != self.retakes else Verdict.COMMIT
         with self._cond:
             while True:
                 if self.lost.is_set():
@@ -161,10 +168,10 @@ class Guard:
                     return Verdict.ABANDON
                 self._cond.wait(0.1)
 
-    # -- the guard thread ---------------------------------------------------
+    # -- the owner thread ---------------------------------------------------
     def _own(self) -> None:
         try:
-            session, backend = self._take(wait=self.wait)
+            session, backend = self._take(initial=True)
         except BaseException as error:  # noqa: BLE001 - handed to the owner thread
             self._error = _as_jobrunner_error(error, self.database.url)
             self._acquired.set()
@@ -173,7 +180,11 @@ class Guard:
         self._acquired.set()
         try:
             while not self._release.wait(self.heartbeat):
-                reason = self._beat(session, backend)
+                try:
+                    reason = self._beat(session, backend)
+                except RunOver as over:
+                    self._mark_lost(str(over))
+                    return
                 if reason is None:
                     self._beaten()
                     continue
@@ -190,44 +201,42 @@ class Guard:
             if session is not None:
                 _close_quietly(session)
 
-    def _take(self, *, wait: float) -> tuple[Any, Any]:
-        """A new guard session holding the lock, and its backend pid."""
-        session = self.database.guard_session(self.job)
+    def _take(self, *, initial: bool) -> tuple[Any, Any]:
+        """A new session holding the right, and its backend id; raises
+        :class:`LockHeld` (or :class:`RunOver`) if it cannot be had."""
+        raise NotImplementedError
+
+    def _beat(self, session: Any, backend: Any) -> str | None:
+        """None while the right holds, else why not."""
         try:
-            deadline = time.monotonic() + wait
-            if self.mode == "row":
-                self._ensure_row(session)
-            while not self._try_lock(session):
-                session.rollback()
-                if time.monotonic() >= deadline:
-                    raise LockHeld(self.job, read_holder(self.database, self.job))
-                time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
-            backend = self._backend_id(session)
-            if self.record_holder:
-                self._write_holder()
-            return session, backend
-        except BaseException:
-            _close_quietly(session)
-            raise
+            current = session.scalar(text("SELECT 1") if backend is None else select(func.pg_backend_pid()))
+        except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
+            return f"the {self.what}'s database connection failed: {dbmod.describe_error(error)}"
+        if backend is not None and current != backend:
+            return f"the {self.what}'s database connection was replaced"
+        return None
 
     def _retake(self, reason: str) -> tuple[Any, Any]:
-        """After a failed heartbeat: take the lock again, or declare it lost."""
+        """After a failed heartbeat: take the right again, or declare it lost."""
         with self._cond:
             self._in_doubt = True
         if self.may_retake is None:
             self._mark_lost(reason)
             return None, None
-        self.notice(f"lock in doubt ({reason}): nothing commits until it is taken again")
+        self.notice(f"{self.what} in doubt ({reason}): nothing commits until it is taken again")
         deadline = time.monotonic() + self.retake_within
+        not_yet_deadline = time.monotonic() + self.not_yet_within
         delay = POLL_INTERVAL_S
         while not self._release.is_set():
             try:
-                session, backend = self._take(wait=0)
-            except LockHeld as held:
+                session, backend = self._take(initial=False)
+            except (LockHeld, RunOver) as held:
                 self._mark_lost(f"{reason}; meanwhile {held}")
                 return None, None
-            except exc.DBAPIError as error:
-                if classify(error) is Kind.GONE and time.monotonic() < deadline:
+            except (exc.DBAPIError, NotYet) as error:
+                gone = isinstance(error, NotYet) or classify(error) is Kind.GONE
+                until = not_yet_deadline if isinstance(error, NotYet) else deadline
+                if gone and time.monotonic() < until:
                     self._release.wait(delay)
                     delay = min(RETAKE_BACKOFF_CAP_S, delay * 2)
                     continue
@@ -242,7 +251,7 @@ class Guard:
                 self._in_doubt = False
                 self._beat_at = time.monotonic()
                 self._cond.notify_all()
-            self.notice("lock taken again: work that was in flight is redone")
+            self.notice(f"{self.what} taken again: work that was in flight is redone")
             return session, backend
         self._mark_lost(reason)
         return None, None
@@ -252,29 +261,6 @@ class Guard:
             return bool(self.may_retake and self.may_retake())
         except Exception:  # noqa: BLE001 - cannot tell: then it is not ours
             return False
-
-    def _ensure_row(self, session: Any) -> None:
-        insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
-        session.execute(insert)
-        session.commit()
-
-    def _try_lock(self, session: Any) -> bool:
-        return try_lock(session, self.job, self.mode)
-
-    def _backend_id(self, session: Any) -> Any:
-        if self.mode == "file":
-            return None
-        return session.scalar(select(func.pg_backend_pid()))
-
-    def _beat(self, session: Any, backend: Any) -> str | None:
-        """None if the lock is still held, else why not."""
-        try:
-            current = session.scalar(text("SELECT 1") if backend is None else select(func.pg_backend_pid()))
-        except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
-            return f"the lock's database connection failed: {dbmod.describe_error(error)}"
-        if backend is not None and current != backend:
-            return "the lock's database connection was replaced"
-        return None
 
     def _beaten(self) -> None:
         with self._cond:
@@ -289,6 +275,90 @@ class Guard:
         if self.on_lost is not None:
             self.on_lost(reason)
 
+
+class NotYet(Exception):
+    """The right cannot be had yet, but may be soon (a leader taking its lock again)."""
+
+
+class RunOver(JobrunnerError):
+    """The run is over: a helper has nothing to help."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class Guard(_Heartbeat):
+    """Hold the job's lock for the ``with`` block; raise :class:`LockHeld` if taken.
+
+    ``lost`` becomes set, and ``on_lost(reason)`` is called, once the lock is
+    lost for good. ``may_retake()``, when given, is asked after the lock was
+    taken again following a failed heartbeat: False means another run may
+    have worked meanwhile, and the lock counts as lost. ``backend`` is the
+    lock connection's identity (``pid@backend_start`` on PostgreSQL), for the
+    helpers of a distributed run; ``on_retake`` hears of a new one.
+    """
+
+    def __init__(
+        self,
+        database: dbmod.Database,
+        job: str,
+        *,
+        mode: str = "row",
+        wait: float = 0.0,
+        heartbeat: float = 1.0,
+        on_lost: Callable[[str], None] | None = None,
+        record_holder: bool = True,
+        may_retake: Callable[[], bool] | None = None,
+        retake_within: float = 0.0,
+        notice: Callable[[str], None] | None = None,
+        on_retake: Callable[[str | None], None] | None = None,
+    ) -> None:
+        super().__init__(
+            database,
+            job,
+            heartbeat=heartbeat,
+            on_lost=on_lost,
+            may_retake=may_retake,
+            retake_within=retake_within,
+            notice=notice,
+        )
+        self.mode = "file" if database.is_sqlite else mode
+        self.wait = wait
+        self.record_holder = record_holder
+        self.on_retake = on_retake
+        self.backend: str | None = None
+
+    def _take(self, *, initial: bool) -> tuple[Any, Any]:
+        session = self.database.guard_session(self.job)
+        try:
+            wait = self.wait if initial else 0.0
+            deadline = time.monotonic() + wait
+            if self.mode == "row":
+                self._ensure_row(session)
+            while not try_lock(session, self.job, self.mode):
+                session.rollback()
+                if time.monotonic() >= deadline:
+                    raise LockHeld(self.job, read_holder(self.database, self.job))
+                time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            pid, self.backend = self._backend_id(session)
+            if self.record_holder:
+                self._write_holder()
+            if not initial and self.on_retake is not None and self._still_ours():
+                self.on_retake(self.backend)
+            return session, pid
+        except BaseException:
+            _close_quietly(session)
+            raise
+
+    def _ensure_row(self, session: Any) -> None:
+        insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
+        session.execute(insert)
+        session.commit()
+
+    def _backend_id(self, session: Any) -> tuple[Any, str | None]:
+        if self.mode == "file":
+            return None, None
+        return backend_identity(session)
+
     def _write_holder(self) -> None:
         values = {
             "host": socket.gethostname(),
@@ -300,6 +370,103 @@ class Guard:
         statement = statement.on_conflict_do_update(index_elements=["job"], set_=values)
         with self.database.bookkeeping() as session, session.begin():
             session.execute(statement)
+
+
+def backend_identity(session: Any) -> tuple[int, str]:
+    """This connection's backend pid, and ``pid@backend_start``: unlike a pid
+    alone, never reused by a later connection."""
+    pid, started = session.execute(
+        text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+    ).one()
+    return pid, f"{pid}@{started.isoformat()}"
+
+
+def helpers_key(job: str) -> int:
+    """The advisory key every helper of a run of ``job`` holds, shared, while it may commit."""
+    return advisory_key(f"helpers:{job}")
+
+
+def helpers_still_working(database: dbmod.Database, job: str) -> bool:
+    """True while a helper of some run of ``job`` can still commit: it holds the
+    helpers' key shared, so an exclusive try fails (and is let go at once)."""
+    with database.bookkeeping() as session:
+        free = session.scalar(select(func.pg_try_advisory_xact_lock(helpers_key(job))))
+        session.rollback()
+    return not free
+
+
+class HelperFence(_Heartbeat):
+    """A helper's right to commit for a distributed run.
+
+    Held while: the helper's own connection holds the job's helpers key,
+    shared (so that no new run of the job starts while it can commit); the
+    run is still running; and the leader's lock connection, named in the
+    run's row, is alive. When the leader dies or loses its lock, its lock
+    connection goes, and every helper stops committing within a heartbeat;
+    if the leader takes its lock again (a new connection, written in the row)
+    within a few heartbeats, the helpers carry on and redo what was in flight;
+    otherwise they leave with exit 69.
+    """
+
+    what = "helper's lease on the run"
+
+    def __init__(self, database: dbmod.Database, job: str, run_id: int, **kwargs: Any) -> None:
+        super().__init__(database, job, **kwargs)
+        self.run_id = run_id
+        self.stop_requested: str | None = None
+        # With the database up, a leader that lost only its connection has its
+        # lock again within a heartbeat or two; one that died never will. A
+        # helper that leaves too early costs throughput, never correctness.
+        self.not_yet_within = min(self.retake_within, LEADER_GRACE_BEATS * self.heartbeat + 2.0)
+
+    def _take(self, *, initial: bool) -> tuple[Any, Any]:
+        session = self.database.guard_session(self.job, role="helper")
+        try:
+            session.execute(select(func.pg_advisory_xact_lock_shared(helpers_key(self.job))))
+            pid, _ = backend_identity(session)
+            reason = self._run_state(session)
+            if reason is not None:
+                raise RunOver(f"run {self.run_id} of {self.job} {reason}")
+            return session, pid
+        except BaseException:
+            _close_quietly(session)
+            raise
+
+    def _beat(self, session: Any, backend: Any) -> str | None:
+        reason = super()._beat(session, backend)
+        if reason is not None:
+            return reason
+        try:
+            return self._run_state(session)
+        except NotYet as away:
+            return str(away)
+        except RunOver:
+            raise
+        except Exception as error:  # noqa: BLE001 - the connection failed mid-check
+            return f"the helper's database connection failed: {dbmod.describe_error(error)}"
+
+    def _run_state(self, session: Any) -> str | None:
+        """None if the run goes on with its leader alive; raises NotYet while the
+        leader's lock connection is gone, RunOver once the run has ended."""
+        runs = tables.runs
+        columns = (runs.c.status, runs.c.leader_backend, runs.c.stop_requested)
+        row = session.execute(select(*columns).where(runs.c.id == self.run_id)).first()
+        if row is None or row.status != Status.RUNNING.value:
+            raise RunOver(f"run {self.run_id} of {self.job} has ended")
+        self.stop_requested = row.stop_requested
+        # pg_stat_activity is a snapshot per transaction, and this one lasts the whole run.
+        session.execute(text("SELECT pg_stat_clear_snapshot()"))
+        pid, _, started = (row.leader_backend or "0@").partition("@")
+        alive = session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE pid = :pid AND backend_start = CAST(:start AS timestamptz)"
+            ),
+            {"pid": int(pid), "start": started or None},
+        )
+        if not alive:
+            raise NotYet(f"the leader of run {self.run_id} has no lock connection")
+        return None
 
 
 def try_lock(session: Any, job: str, mode: str) -> bool:
@@ -325,7 +492,7 @@ class RunFence:
     run's own reasons to commit nothing more (a lost lock, an outage past its
     bound, workers abandoned after the shutdown timeout)."""
 
-    def __init__(self, guard: Guard | None, stop: Stop) -> None:
+    def __init__(self, guard: _Heartbeat | None, stop: Stop) -> None:
         self.guard = guard
         self.stop = stop
         self.closed = threading.Event()

@@ -2,17 +2,22 @@
 
 The file is written atomically (a temporary file renamed into place), so the
 collector never reads half a file. ``jobrunner_items_total`` is a counter:
-each run adds to the values already in the file. A run that found the job
+each run adds to the values already in the file, under an exclusive lock on
+``<file>.lock``, so that runs ending at the same moment on this host (under
+--no-lock) never lose each other's counts. A run that found the job
 already running (exit 75) touches only ``jobrunner_last_skipped_timestamp_seconds``:
 the last success keeps its time, so an alert on a stale success still fires.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from jobrunner.result import RunResult, Status
@@ -28,7 +33,7 @@ HELP = {
     "jobrunner_last_exit_code": ("gauge", "The exit code of the last run."),
     "jobrunner_items_total": ("counter", "Items by outcome, over all runs."),
 }
-OUTCOMES = ("succeeded", "failed", "retried", "skipped")
+OUTCOMES = ("succeeded", "failed", "retried", "skipped", "replayed", "rolled_back")
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{[^}]*\})?\s+(?P<value>\S+)\s*$")
 
 
@@ -56,8 +61,25 @@ def read(path: Path) -> dict[tuple[str, str], float]:
     return samples
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Serialise read-add-write between processes on this host (flock: the
+    kernel drops it if the process dies, so it can never go stale)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def update(path: Path, result: RunResult, now: float | None = None) -> None:
-    now = time.time() if now is None else now
+    with _exclusive(path):
+        _update(path, result, time.time() if now is None else now)
+
+
+def _update(path: Path, result: RunResult, now: float) -> None:
     samples = read(path)
     job = _labels(job=result.job)
     if result.status is Status.LOCKED:

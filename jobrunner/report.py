@@ -461,6 +461,10 @@ def print_status(rows: list[dict[str, Any]], *, json_output: bool = False) -> No
         states = []
         if row["holder"] is not None:
             states.append("running" + describe_holder(row["holder"] or {}))
+        helpers = row.get("helpers") or []
+        if helpers:
+            hosts = len({h["host"] for h in helpers})
+            states[-1] += f", with {plural(len(helpers), 'helper')} on {plural(hosts, 'host')}"
         for run in row["unlocked_runs"]:
             states.append(f"running without a lock: run {run['run_id']}" + describe_holder(run))
         if not states:
@@ -496,6 +500,7 @@ HISTORY_COLUMNS = (
     "pid",
     "resumed_from",
     "error",
+    "processes",
 )
 HISTORY_HEADERS = (
     "id",
@@ -509,6 +514,7 @@ HISTORY_HEADERS = (
     "skipped",
     "host",
     "pid",
+    "procs",
     "error",
 )
 
@@ -568,8 +574,17 @@ def _history_line(r: dict[str, Any]) -> tuple[str, ...]:
         str(r["skipped"] or 0),
         r["host"] or "",
         str(r["pid"] or ""),
+        _processes(r["processes"] or []),
         redaction.redact(r["error"] or "")[:100],
     )
+
+
+def _processes(members: list[dict[str, Any]]) -> str:
+    """``1``, or for a distributed run ``3 (2 hosts)``."""
+    if not members:
+        return "1"
+    hosts = len({m["host"] for m in members})
+    return f"{len(members)} ({plural(hosts, 'host')})"
 
 
 def print_purge(runs: int, keys: int, *, json_output: bool = False) -> None:

@@ -60,6 +60,9 @@ class RunResult:
     holder: dict[str, Any] | None = None  # who holds the lock, for LOCKED
     resumed_from: int | None = None
     run_id: int | None = None
+    role: str | None = None  # a distributed run: "leader" or "helper"
+    processes: int = 1  # processes that worked on the run (the leader counts them)
+    hosts: int = 1
 
     @classmethod
     def locked(cls, job: str, held: Any, *, started_at: datetime, duration: float, config: Any) -> RunResult:
@@ -131,6 +134,8 @@ class RunResult:
             out["run_id"] = self.run_id
         if self.resumed_from is not None:
             out["resumed_from"] = self.resumed_from
+        if self.role is not None:
+            out.update(role=self.role, processes=self.processes, hosts=self.hosts)
         return out
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session
 
 from jobrunner import db as dbmod
-from jobrunner import dryrun, history, jobs, paging, tables
+from jobrunner import distributed, dryrun, history, jobs, paging, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.exceptions import ConfigError, JobError, LockHeld
@@ -71,10 +71,27 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
     if config.resume and job.item_key is None:
         raise JobError(f"--resume: job {job.name!r} defines no item_key(item), so it cannot be resumed")
     reporter = reporter or _NullReporter()
+    if config.distributed and config.dry_run:
+        reporter.notice("a dry run is one transaction in one process: --processes and --join do not apply")
+        config = dataclasses.replace(config, processes=1, join=False)
+    if config.distributed and config.no_lock:
+        raise ConfigError(
+            "a distributed run is led by the holder of the job's lock: --no-lock does not apply"
+        )
     with tables.ready_database(config, job.name, workers=config.workers) as database:
+        if config.distributed:
+            distributed.check_supported(database, config)
         active = _Run(config, job, database, reporter)
         result = active.execute()
-    _write_metrics(config, result, reporter)
+        if result.status is Status.LOCKED and config.join and not active.helpers_remain:
+            run_id, accepts = distributed.joinable_run(database, job.name)
+            if run_id is not None and accepts:
+                result = distributed.help_run(config, job, database, reporter, run_id)
+    if active.config_error is not None:
+        raise active.config_error
+    reporter.finished(result)
+    if result.role != "helper":
+        _write_metrics(config, result, reporter)
     if active.abandoned:
         # Workers outlived --shutdown-timeout. The result is printed; leave
         # now, so the database rolls back whatever they still hold open.
@@ -117,6 +134,11 @@ class _Run:
         self.fence = RunFence(None, self.stop)
         self.changes: dryrun.ChangeCounter | None = None
         self.opening = history.Opening(None, None, frozenset())
+        self.checkpoints = history.Checkpoints(self.recorder, self.progress, by_workers=database.is_sqlite)
+        self.leader: distributed.Leader | None = None
+        self.totals: dict[str, Any] | None = None  # a distributed run's counts over every process
+        self.helpers_remain = False
+        self.config_error: ConfigError | None = None  # items() yielded an item that cannot travel
         self.ctx = JobContext(
             job=job.name,
             dry_run=config.dry_run,
@@ -129,11 +151,28 @@ class _Run:
         started_at, t0 = datetime.now(UTC), time.monotonic()
         try:
             with self._guard():
+                if self.guard is not None and not self.database.is_sqlite:
+                    # Any run that takes the lock, distributed or not: a helper
+                    # of an earlier run that can still commit must be gone first.
+                    self.helpers_remain = True
+                    distributed.Leader.refuse_if_helpers_remain(self.database, self.job.name)
+                    self.helpers_remain = False
                 lock = self.guard.mode if self.guard is not None else "none"
                 self.opening = history.open_run(
                     self.recorder, self.config, lock=lock, resumable=self.job.item_key is not None
                 )
                 self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
+                if self.config.distributed and self.opening.run_id is not None:
+                    self.leader = distributed.Leader(
+                        self.database,
+                        self.config,
+                        self.job,
+                        self.opening.run_id,
+                        stop=self.stop,
+                        outage=self.outage,
+                        notice=self.reporter.notice,
+                    )
+                    self.leader.open(self.guard.backend if self.guard else None, self.opening.resumed_from)
                 with catch_signals(self.stop, self.reporter.notice, self.config.shutdown_timeout):
                     if self.config.dry_run:
                         self._dry_run()
@@ -148,7 +187,6 @@ class _Run:
             result = RunResult.locked(
                 self.job.name, held, started_at=started_at, duration=duration, config=self.config
             )
-        self.reporter.finished(result)
         return result
 
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
@@ -167,9 +205,15 @@ class _Run:
             may_retake=lambda: self.opening.run_id is not None and self.recorder.still_ours(),
             retake_within=self.config.outage_timeout,
             notice=self.reporter.notice,
+            on_retake=self._new_leader_backend,
         )
         self.fence = RunFence(self.guard, self.stop)
         return self.guard
+
+    def _new_leader_backend(self, backend: str | None) -> None:
+        """The lock was taken again on a new connection: helpers follow it."""
+        if self.leader is not None:
+            self.leader.open_backend(backend)
 
     def _setup(self) -> bool:
         if self.job.setup is None:
@@ -188,8 +232,8 @@ class _Run:
                 return False
 
     def _fan_out(self) -> None:
-        size = self.config.batch_size
-        feed = MemoryFeed(self.config.workers * size, self.stop.event)
+        size, leader = self.config.batch_size, self.leader
+        feed = leader.feed() if leader else MemoryFeed(self.config.workers * size, self.stop.event)
         workers = Workers(
             workers=self.config.workers,
             open_session=self.database.session,
@@ -202,30 +246,46 @@ class _Run:
 
         def produce_items() -> None:  # the producer thread, with a reader session of its own
             try:
+                if leader is not None and not leader.must_feed:
+                    # A resumed run that had fed everything: items() is not called again.
+                    self._started(range(leader.adopted), None)
+                    return
                 with self.database.reader() as session:
                     session.info[paging.OUTAGE_INFO] = self.outage  # paged() waits out outages too
                     items = self.job.items(self.ctx, session)
                     self._started(items, session)
-                    produce(feed, items, accept=self._filter(), alive=workers.alive)
+                    if leader is not None:
+                        leader.feeder().feed(items, self._filter())
+                    else:
+                        produce(feed, items, accept=self._filter(), alive=workers.alive)
             except Exception as error:  # noqa: BLE001 - the job's own code
                 self._failed("items()", error)
             finally:
-                feed.close(workers.count)
+                if leader is not None:
+                    leader.mark_fed_all()  # the helpers finish what was fed, then leave
+                else:
+                    feed.close(workers.count)
 
         workers.start(produce_items)
+        if leader is not None:
+            leader.start_local_helpers()
         self._supervise(workers)
         workers.join_producer(timeout=1.0)
+        if leader is not None:
+            self.totals = leader.finish(self.progress, timeout=self.config.shutdown_timeout + 10)
 
     def _supervise(self, workers: Workers) -> None:
         """The main thread while workers work: checkpoints, and the shutdown timeout."""
         stopped_at: float | None = None
-        next_checkpoint = time.monotonic() + history.CHECKPOINT_S
         while not workers.wait(TICK_S):
             now = time.monotonic()
-            if now >= next_checkpoint and not self.outage.active:
-                self.recorder.checkpoint(self.progress.snapshot())
-                next_checkpoint = now + history.CHECKPOINT_S
+            if not self.outage.active:
+                self.checkpoints.tick()
+                if self.leader is not None:
+                    self.leader.tick(self.progress)
             if self.stop.is_set():
+                if stopped_at is None and self.leader is not None:
+                    self.leader.request_stop()
                 stopped_at = stopped_at or now
                 if now - stopped_at > self.config.shutdown_timeout:
                     self.fence.closed.set()
@@ -271,10 +331,12 @@ class _Run:
             on_failure=self._item_failed,
             changes=self.changes,
             watch_sqlite_lock=SqliteLockWatch(self.reporter.notice) if watch else None,
+            before_commit=None if self.config.dry_run else self.checkpoints.in_transaction,
         )
 
     def _filter(self) -> ItemFilter:
-        return ItemFilter(self.opening.skip_keys, self.job.item_key, self.progress.skip)
+        skip = self.opening.skip_keys | (self.leader.adopted_keys if self.leader else frozenset())
+        return ItemFilter(skip, self.job.item_key, self.progress.skip)
 
     def _started(self, items: Any, session: Session) -> None:
         if hasattr(items, "__len__"):
@@ -284,8 +346,10 @@ class _Run:
         run_id = self.opening.run_id
         self.reporter.started(self.job.name, total=self.progress.total, progress=self.progress, run_id=run_id)
 
-    def _item_failed(self, item: Any, error: BaseException) -> None:
+    def _item_failed(self, item: Any, token: Any, error: BaseException) -> None:
         shown, line = safe_repr(item), error_line(error)
+        if self.leader is not None and not self.leader.settle_failure(token, item, shown, line):
+            return  # another process holds the item now: it is theirs
         failed = self.progress.failure(shown, line)
         log.error("item %s failed: %s", shown, line, exc_info=error, extra={"item_failure": True})
         limit = self.config.max_failures
@@ -295,6 +359,10 @@ class _Run:
     def _failed(self, what: str, error: BaseException) -> None:
         """setup() or items() raised: the run fails (exit 1), or, if the
         database went away under it, stops as unavailable (exit 69)."""
+        if isinstance(error, ConfigError):
+            self.config_error = error  # raised after the run is recorded: one line, exit 2
+            self.stop.set(Status.FAILED, str(error))
+            return
         if classify(error) is Kind.GONE:
             message = f"the database went away while {what} ran: {error_line(error)}"
             self.stop.set(Status.UNAVAILABLE, message)
@@ -305,6 +373,16 @@ class _Run:
 
     def _result(self, started_at: datetime, t0: float) -> RunResult:
         snap = self.progress.snapshot()
+        extra: dict[str, Any] = {"failures": tuple(self.progress.failures)}
+        if self.leader is not None and self.totals is not None:
+            counted = ("succeeded", "failed", "retried", "replayed", "rolled_back", "commits")
+            snap = {**snap, **{k: self.totals[k] for k in counted}}
+            extra = {
+                "failures": self.totals["failures"],
+                "role": "leader",
+                "processes": 1 + self.totals["helpers"],
+                "hosts": max(1, self.totals["hosts"]),
+            }
         message = self.stop.message or self.error
         if message and snap["rolled_back"]:
             message += f" ({snap['rolled_back']} finished items were rolled back, not committed)"
@@ -319,8 +397,8 @@ class _Run:
             items_seconds=self.progress.items_seconds(),
             workers=1 if self.config.dry_run else self.config.workers,
             batch_size=self.config.batch_size,
-            failures=tuple(self.progress.failures),
             changes=self.changes.report() if self.changes else {},
+            **extra,
             error=message,
             signal=self.stop.signal,
             run_id=self.opening.run_id,

@@ -31,16 +31,29 @@ def job_status(config: Config) -> list[dict[str, Any]]:
             mode = "file" if database is not None and database.is_sqlite else section.get("lock", config.lock)
             holder = locking.probe(database, info.name, mode) if database is not None else None
             unlocked = [run for run in live if run["job"] == info.name]
+            helpers = _helpers(database, info.name) if holder is not None else []
             rows.append(
                 {
                     "job": info.name,
                     "lock": "none" if section.get("no_lock", config.no_lock) else mode,
                     "running": holder is not None or bool(unlocked),
                     "holder": holder,
+                    "helpers": helpers,
                     "unlocked_runs": unlocked,
                 }
             )
     return rows
+
+
+def _helpers(database: Any, job: str) -> list[dict[str, Any]]:
+    """The live helpers of the job's running (distributed) run."""
+    running = [row for row in history.running(database) if row["job"] == job and row.get("lock") != "none"]
+    if not running:
+        return []
+    return [
+        {"host": h["host"], "pid": h["pid"], "since": h["started_at"].replace(tzinfo=UTC).astimezone()}
+        for h in history.helpers_of(database, running[0]["id"], ALIVE_WITHIN_S)
+    ]
 
 
 def _live_unlocked_runs(database: Any) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Iterator
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -78,6 +79,15 @@ runs = Table(
     Column("batch_size", Integer),
     Column("lock", String(20)),  # row, advisory, file, or none (--no-lock)
     Column("checkpoint_at", DateTime),  # naive UTC; the counts are current as of then
+    # A distributed run (see worktable.py): whether helpers may join, what the
+    # leader has fed to the work table, and why it asks its helpers to stop.
+    Column("accepts_helpers", Boolean),
+    Column("fed", BigInteger),
+    Column("fed_all", Boolean),
+    Column("stop_requested", Text),
+    # The leader's lock connection, "pid@backend_start": helpers may commit
+    # only while it is alive (a dead or replaced lock connection ends the run).
+    Column("leader_backend", String(100)),
 )
 
 # The keys of items that committed, for --resume. Written in the item's own
@@ -87,6 +97,54 @@ item_keys = Table(
     metadata,
     Column("run_id", Integer, primary_key=True),
     Column("key", String(500), primary_key=True),
+)
+
+
+# The items of a distributed run, fed by its leader and claimed by every
+# process FOR UPDATE SKIP LOCKED in the same transaction as their work: a row
+# is deleted by the commit that did its item, or returns with a rollback.
+work = Table(
+    "jobrunner_work",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("item", Text, nullable=False),  # JSON, see worktable.encode
+    Column("key", String(500)),  # item_key(item), when the job has one (for --resume)
+)
+
+# Items of a distributed run that failed alone: recorded, with their work
+# row deleted, in one transaction, by the process that replayed them.
+failures = Table(
+    "jobrunner_failures",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("item", Text, nullable=False),  # repr, as in --json's failures
+    Column("payload", Text),  # the item as it travelled, so that --resume can redo it
+    Column("error", Text, nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+)
+
+# Every process that worked on a distributed run: the leader and its helpers.
+run_processes = Table(
+    "jobrunner_run_processes",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("host", String(255), primary_key=True),
+    Column("pid", Integer, primary_key=True, autoincrement=False),
+    Column("role", String(20), nullable=False),  # leader or helper
+    Column("started_at", DateTime, nullable=False),
+    Column("checkpoint_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("status", String(20), nullable=False),
+    Column("workers", Integer, nullable=False),
+    Column("succeeded", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("retried", Integer, nullable=False, default=0),
+    Column("replayed", Integer, nullable=False, default=0),
+    Column("rolled_back", Integer, nullable=False, default=0),
+    Column("commits", Integer, nullable=False, default=0),
 )
 
 

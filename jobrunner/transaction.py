@@ -84,9 +84,10 @@ class Unit:
         progress: Progress,
         retries: int,
         keys: Keys | None,
-        on_failure: Callable[[Any, BaseException], None],
+        on_failure: Callable[[Any, Any, BaseException], None],
         changes: Any = None,
-        watch_sqlite_lock: Callable[[float], None] | None = None,
+        watch_sqlite_lock: Callable[[float], bool] | None = None,
+        before_commit: Callable[[Session], None] | None = None,
     ) -> None:
         self.job = job
         self.ctx = ctx
@@ -100,6 +101,7 @@ class Unit:
         self.on_failure = on_failure
         self.changes = changes  # a dry run's ChangeCounter
         self.watch_sqlite_lock = watch_sqlite_lock
+        self.before_commit = before_commit  # bookkeeping that rides along (SQLite checkpoints)
         self.batched = job.process_batch is not None
 
     def __call__(self, session: Session, chunk: list[Entry]) -> None:
@@ -111,7 +113,7 @@ class Unit:
         if error is None:
             return
         if len(work) == 1:
-            self.on_failure(work[0][0], error)
+            self.on_failure(work[0][0], work[0][1], error)
             return
         # Spring Batch's rule: a failed chunk is replayed one item at a time,
         # so the good items commit and only the bad ones fail, with their own error.
@@ -120,7 +122,7 @@ class Unit:
         for one in work:
             single = self._transact(session, [one], claimed=False)
             if single is not None:
-                self.on_failure(one[0], single)
+                self.on_failure(one[0], one[1], single)
 
     def _prepare(self, chunk: list[Entry]) -> list[tuple[Any, Any, Any]]:
         """(item, token, value): ``value`` is what ``process`` gets."""
@@ -132,7 +134,7 @@ class Unit:
             try:
                 work.append((item, token, prepare(self.ctx, item)))
             except Exception as error:  # noqa: BLE001 - the job's own code
-                self.on_failure(item, error)
+                self.on_failure(item, token, error)
         return work
 
     def _transact(self, session: Session, work: list, *, claimed: bool) -> BaseException | None:
@@ -203,6 +205,8 @@ class Unit:
                 self.job.process(self.ctx, session, value)
 
     def _commit(self, session: Session, count: int) -> None:
+        if self.before_commit is not None:
+            self.before_commit(session)
         if self.watch_sqlite_lock is not None:
             began = session.connection().info.get(BEGAN_INFO)
         session.commit()
@@ -212,7 +216,8 @@ class Unit:
         else:
             self.progress.committed(count)
         if self.watch_sqlite_lock is not None and began is not None:
-            self.watch_sqlite_lock(time.monotonic() - began)
+            if self.watch_sqlite_lock(time.monotonic() - began):
+                self.watch_sqlite_lock = None  # said once: stop timing
 
     def _discard(self) -> None:
         if self.changes is not None:
@@ -248,7 +253,8 @@ class SqliteLockWatch:
         self.notice = notice
         self.warned = False
 
-    def __call__(self, held: float) -> None:
+    def __call__(self, held: float) -> bool:
+        """True once it has spoken."""
         if held > SLOW_SQLITE_HOLD_S and not self.warned:
             self.warned = True
             self.notice(
@@ -256,6 +262,7 @@ class SqliteLockWatch:
                 "SQLite, items run one at a time from their first statement to their commit. Do slow "
                 "work that needs no database in prepare() (see the README's SQLite section)"
             )
+        return self.warned
 
 
 def _rollback(session: Session) -> None:

@@ -31,6 +31,16 @@ def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+_shared: dict[str, PostgresServer] = {}
+
+
+@pytest.fixture(scope="session")
+def pg_server_log(pg_admin_url: str) -> Path | None:
+    """The shared server's log file, when the suite started the server itself."""
+    server = _shared.get("server")
+    return server.root / "server.log" if server is not None else None
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     given = os.environ.get("JOBRUNNER_TEST_DATABASE_URL")
@@ -54,6 +64,7 @@ def pg_admin_url() -> Iterator[str]:
                 pytest.fail(message)
             pytest.skip(message)
         url = server.admin_url
+        _shared["server"] = server
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f"DROP DATABASE IF EXISTS {TEMPLATE}"))

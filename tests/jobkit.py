@@ -279,3 +279,59 @@ def process(ctx, session, item):
 def item_key(item):
     return str(item)
 '''
+
+# Items in chunks (--batch-size): each writes one row with its transaction's id
+# and the times it began and ended; items listed in --param poison=1,2 raise.
+BATCH = '''
+"""Each item writes a row recording its transaction; poisoned items raise."""
+import os, time
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text(
+        "CREATE TABLE IF NOT EXISTS batch_rows (item INTEGER PRIMARY KEY, tx TEXT NOT NULL, "
+        "pid INTEGER NOT NULL, t0 DOUBLE PRECISION NOT NULL, t1 DOUBLE PRECISION NOT NULL)"))
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 500)))
+
+def transaction_id(session):
+    if session.get_bind().dialect.name == "postgresql":
+        return str(session.execute(text("SELECT txid_current()")).scalar())
+    return "sqlite"
+
+def process(ctx, session, item):
+    t0 = time.time()
+    if str(item) in ctx.params.get("poison", "").split(","):
+        raise ValueError(f"item {item} is poisoned")
+    time.sleep(float(ctx.params.get("sleep", 0)))
+    session.execute(text("INSERT INTO batch_rows VALUES (:i, :tx, :p, :t0, :t1)"),
+                    {"i": item, "tx": transaction_id(session), "p": os.getpid(), "t0": t0, "t1": time.time()})
+
+def item_key(item):
+    return str(item)
+'''
+
+# Set-based: one executemany per chunk. setup() plants a row for each item in
+# --param taken=..., so inserting that item violates the primary key.
+SET_BASED = '''
+"""process_batch: one INSERT for the whole chunk."""
+from sqlalchemy import Column, Integer, MetaData, Table, insert
+
+metadata = MetaData()
+done = Table("done_set", metadata, Column("item", Integer, primary_key=True))
+BATCH_SIZE = 50
+
+def setup(ctx, session):
+    metadata.create_all(session.connection())
+    for item in filter(None, ctx.params.get("taken", "").split(",")):
+        session.execute(insert(done).values(item=-int(item) - 1000))  # marker rows, out of range
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 200)))
+
+def process_batch(ctx, session, items):
+    taken = {int(i) for i in filter(None, ctx.params.get("taken", "").split(","))}
+    rows = [{"item": -item - 1000 if item in taken else item} for item in items]
+    session.execute(insert(done), rows)
+'''

@@ -1,0 +1,287 @@
+"""The feed of a distributed run: a work table that every process claims from.
+
+The leader feeds ``items()`` into ``jobrunner_work``, a few hundred rows per
+committed INSERT, and waits while the table holds ``bound`` unclaimed rows
+(back-pressure: memory stays flat for any number of items). Every process,
+the leader included, claims a chunk with ``DELETE ... WHERE (run_id, seq) IN
+(SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`` as the first statement of the
+chunk's own transaction: the claim commits with the chunk's work, or rolls
+back with it and the rows are there again for anyone. No lease, no timeout,
+no clock: a process that dies returns its rows by the database's rollback.
+
+Items travel as JSON. Only plain data survives the trip unchanged, so only
+plain data is accepted: None, booleans, numbers, strings, and lists, tuples
+and dicts of these (a tuple stays a tuple, dict keys keep their types).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from jobrunner import tables
+from jobrunner.db import Database
+from jobrunner.exceptions import ConfigError
+from jobrunner.feed import Entry
+from jobrunner.outage import Kind, Outage, classify
+from jobrunner.result import Status
+
+log = logging.getLogger("jobrunner")
+FEED_BATCH = 500
+POLL_S = 0.05
+_SCALARS = (type(None), bool, int, float, str)
+
+
+class ItemNotPortable(ConfigError):
+    """An item cannot travel through the work table to other processes."""
+
+
+# -- items as JSON ---------------------------------------------------------------------
+def encode(item: Any) -> str:
+    return json.dumps(_wrap(item), separators=(",", ":"))
+
+
+def decode(text: str) -> Any:
+    return _unwrap(json.loads(text))
+
+
+def _wrap(value: Any) -> Any:
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is list:
+        return [_wrap(v) for v in value]
+    if kind is tuple:
+        return {"t": [_wrap(v) for v in value]}
+    if kind is dict:
+        return {"d": [[_wrap(k), _wrap(v)] for k, v in value.items()]}
+    raise ItemNotPortable(
+        f"items() yielded {_describe(value)}, which cannot travel to the other processes of a "
+        "distributed run: yield None, booleans, numbers, strings, and lists, tuples and dicts of these"
+    )
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    if isinstance(value, dict):
+        if "t" in value:
+            return tuple(_unwrap(v) for v in value["t"])
+        return {_unwrap(k): _unwrap(v) for k, v in value["d"]}
+    return value
+
+
+def _describe(value: Any) -> str:
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    hint = " (convert it with tuple(row))" if name.endswith(".Row") else ""
+    return f"a {name}{hint}"
+
+
+# -- the statements ----------------------------------------------------------------------
+work = tables.work
+
+
+def _claim(run_id: int, limit: int) -> Any:
+    chosen = (
+        select(work.c.run_id, work.c.seq)
+        .where(work.c.run_id == run_id)
+        .order_by(work.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        delete(work).where(tuple_(work.c.run_id, work.c.seq).in_(chosen)).returning(work.c.seq, work.c.item)
+    )
+
+
+def _reclaim(run_id: int, seqs: list[int]) -> Any:
+    chosen = (
+        select(work.c.run_id, work.c.seq)
+        .where(work.c.run_id == run_id, work.c.seq.in_(seqs))
+        .with_for_update(skip_locked=True)
+    )
+    return delete(work).where(tuple_(work.c.run_id, work.c.seq).in_(chosen)).returning(work.c.seq)
+
+
+def retry_gone(outage: Outage, action: Callable[[], Any]) -> Any:
+    """Run a bookkeeping ``action``, waiting out an outage (within the bound)."""
+    while True:
+        try:
+            return action()
+        except Exception as error:
+            if classify(error) is Kind.GONE and outage.wait(error):
+                continue
+            raise
+
+
+# -- the workers' side ---------------------------------------------------------------------
+class WorkTableFeed:
+    """Chunks claimed from the work table, inside the worker's transaction."""
+
+    def __init__(
+        self, database: Database, run_id: int, *, stop: threading.Event, outage: Outage, leader: bool
+    ) -> None:
+        self.database = database
+        self.run_id = run_id
+        self.stop = stop
+        self.outage = outage
+        self.leader = leader
+
+    def take(self, session: Session, limit: int) -> list[Entry] | None:
+        while not self.stop.is_set():
+            try:
+                rows = session.execute(_claim(self.run_id, limit)).all()
+            except Exception as error:
+                _rollback(session)
+                kind = classify(error)
+                if kind is Kind.TRANSIENT:
+                    continue  # two claims raced for the same rows: claim again
+                if kind is Kind.GONE:
+                    if self.outage.wait(error):
+                        continue
+                    return None
+                raise
+            if rows:
+                # The chunk's transaction is open: the unit of work carries on in it.
+                return [(decode(item), seq) for seq, item in sorted(rows)]
+            session.rollback()
+            if retry_gone(self.outage, self._finished):
+                return None
+            self.stop.wait(POLL_S)
+        return None
+
+    def reclaim(self, session: Session, chunk: list[Entry]) -> list[Entry]:
+        ours = set(session.execute(_reclaim(self.run_id, [seq for _, seq in chunk])).scalars())
+        return [entry for entry in chunk if entry[1] in ours]
+
+    def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
+        """An item failed alone: remove its row and record why, in one transaction.
+        False if another process holds the row now: it is theirs to settle."""
+
+        def settle() -> bool:
+            with self.database.bookkeeping() as session, session.begin():
+                gone = session.execute(_reclaim(self.run_id, [token])).first()
+                if gone is None:
+                    return False
+                session.execute(
+                    insert(tables.failures).values(
+                        run_id=self.run_id,
+                        seq=token,
+                        item=item_repr,
+                        payload=encode(item),
+                        error=error_line,
+                        host=socket.gethostname(),
+                        pid=os.getpid(),
+                    )
+                )
+                return True
+
+        return retry_gone(self.outage, settle)
+
+    def _finished(self) -> bool:
+        """No more work for this process? Helpers leave once everything is fed
+        and nothing is free; the leader stays until the table is empty, since
+        a helper that dies puts its rows back."""
+        runs = tables.runs
+        with self.database.bookkeeping() as session:
+            state = session.execute(
+                select(runs.c.status, runs.c.fed_all, runs.c.stop_requested).where(runs.c.id == self.run_id)
+            ).first()
+            if state is None or state.status != Status.RUNNING.value or state.stop_requested:
+                return True
+            if not state.fed_all:
+                return False
+            if not self.leader:
+                return True
+            left = session.scalar(select(func.count()).select_from(work).where(work.c.run_id == self.run_id))
+        return left == 0
+
+
+# -- the leader's side ------------------------------------------------------------------------
+class Feeder:
+    """The leader's producer: ``items()`` into the work table, with back-pressure."""
+
+    def __init__(
+        self,
+        database: Database,
+        run_id: int,
+        *,
+        bound: int,
+        item_key: Callable[[Any], Any] | None,
+        stop: threading.Event,
+        outage: Outage,
+        first_seq: int = 0,
+    ) -> None:
+        self.database = database
+        self.run_id = run_id
+        self.bound = bound
+        self.item_key = item_key
+        self.stop = stop
+        self.outage = outage
+        self.seq = first_seq
+
+    def feed(self, items: Iterable[Any], accept: Callable[[Any], bool]) -> None:
+        rows: list[dict[str, Any]] = []
+        for item in items:
+            if not accept(item):
+                continue
+            key = str(self.item_key(item)) if self.item_key is not None else None
+            rows.append({"run_id": self.run_id, "seq": self.seq, "item": encode(item), "key": key})
+            self.seq += 1
+            if len(rows) >= FEED_BATCH:
+                if not self._flush(rows):
+                    return
+                rows = []
+        if self._flush(rows):
+            retry_gone(self.outage, self._fed_all)
+
+    def _flush(self, rows: list[dict[str, Any]]) -> bool:
+        if not rows:
+            return not self.stop.is_set()
+        while retry_gone(self.outage, self._unclaimed) >= self.bound:
+            if self.stop.wait(POLL_S):
+                return False
+        if self.stop.is_set():
+            return False
+
+        def write() -> None:
+            with self.database.bookkeeping() as session, session.begin():
+                session.execute(insert(work), rows)
+                session.execute(
+                    update(tables.runs)
+                    .where(tables.runs.c.id == self.run_id)
+                    .values(fed=tables.runs.c.fed + len(rows))
+                )
+
+        retry_gone(self.outage, write)
+        return True
+
+    def _unclaimed(self) -> int:
+        with self.database.bookkeeping() as session:
+            return session.scalar(select(func.count()).select_from(work).where(work.c.run_id == self.run_id))
+
+    def _fed_all(self) -> None:
+        with self.database.bookkeeping() as session, session.begin():
+            session.execute(update(tables.runs).where(tables.runs.c.id == self.run_id).values(fed_all=True))
+
+
+def _rollback(session: Session) -> None:
+    try:
+        session.rollback()
+    except Exception:
+        log.debug("rollback failed", exc_info=True)
+
+
+def first_free_seq(database: Database, run_id: int) -> int:
+    with database.bookkeeping() as session:
+        top = session.scalar(select(func.max(work.c.seq)).where(work.c.run_id == run_id))
+    return 0 if top is None else top + 1

@@ -1,0 +1,215 @@
+"""Several items per transaction (--batch-size), with failure isolation, and the
+set-based process_batch hook: every guarantee of a batch-1 run, per chunk."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from helpers import finish, query, wait_for_rows
+from jobkit import BATCH, SET_BASED
+
+
+def run_json(cli, *args):
+    out = cli(*args, "--json")
+    return out, json.loads(out.stdout)
+
+
+def items_once(url: str, expected: list[int]) -> None:
+    rows = sorted(item for (item,) in query(url, "SELECT item FROM batch_rows"))
+    assert rows == expected, f"{len(rows)} rows for {len(expected)} items"
+
+
+def test_chunks_of_50_commit_each_item_once_in_few_transactions(cli, write_job, db_url):
+    write_job("batch", BATCH)
+    out, summary = run_json(cli, "run", "batch", "--database-url", db_url, "-w", "4", "-b", "50")
+    assert out.returncode == 0, out.stderr
+    assert (summary["succeeded"], summary["failed"], summary["batch_size"]) == (500, 0, 50)
+    items_once(db_url, list(range(500)))
+    assert 10 <= summary["commits"] <= 10 + 2 * 4
+    if db_url.startswith("postgresql"):
+        [(transactions,)] = query(db_url, "SELECT count(DISTINCT tx) FROM batch_rows")
+        assert 10 <= transactions <= 10 + 2 * 4, f"{transactions} transactions wrote 500 items"
+        assert transactions == summary["commits"]
+    [row] = json.loads(cli("history", "batch", "--database-url", db_url, "--json").stdout)
+    assert (row["commits"], row["batch_size"]) == (summary["commits"], 50)
+
+
+def test_poisoned_items_fail_alone_and_the_rest_of_their_chunks_commit(cli, write_job, db_url):
+    write_job("batch", BATCH)
+    out, summary = run_json(
+        cli,
+        "run",
+        "batch",
+        "--database-url",
+        db_url,
+        "-b",
+        "50",
+        "--param",
+        "poison=17,333",
+        "--max-failures",
+        "5",
+    )
+    assert out.returncode == 1
+    assert (summary["succeeded"], summary["failed"]) == (498, 2)
+    assert sorted(f["item"] for f in summary["failures"]) == ["17", "333"]
+    assert all("ValueError: item" in f["error"] for f in summary["failures"])
+    assert summary["replayed"] >= 2 and summary["replayed"] <= 2 * 50
+    items_once(db_url, sorted(set(range(500)) - {17, 333}))
+
+
+def test_process_batch_replays_a_failed_chunk_one_item_at_a_time(cli, write_job, db_url):
+    write_job("set_based", SET_BASED)
+    out, summary = run_json(cli, "run", "set_based", "--database-url", db_url, "--param", "taken=7")
+    assert out.returncode == 1, out.stderr
+    assert (summary["succeeded"], summary["failed"], summary["batch_size"]) == (199, 1, 50)
+    failure = summary["failures"][0]
+    assert failure["item"] == "7" and (
+        "IntegrityError" in failure["error"] or "UniqueViolation" in failure["error"]
+    )
+    rows = [item for (item,) in query(db_url, "SELECT item FROM done_set WHERE item >= 0 ORDER BY item")]
+    assert rows == [i for i in range(200) if i != 7], "the other 49 items of item 7's chunk must commit"
+
+
+def test_max_failures_counts_items_not_chunks(cli, write_job, sqlite_url):
+    write_job("batch", BATCH)
+    poison = ",".join(str(i) for i in range(0, 500, 5))
+    out, summary = run_json(
+        cli,
+        "run",
+        "batch",
+        "--database-url",
+        sqlite_url,
+        "-b",
+        "50",
+        "-w",
+        "1",
+        "--param",
+        f"poison={poison}",
+        "--max-failures",
+        "3",
+    )
+    assert out.returncode == 1 and summary["status"] == "aborted"
+    assert 4 <= summary["failed"] <= 10, "the limit is in items"
+
+
+def test_sigkill_mid_run_then_resume_does_every_item_once(cli, spawn, write_job, db_url):
+    write_job("batch", BATCH)
+    victim = spawn(
+        "run", "batch", "--database-url", db_url, "-b", "100", "--param", "n=3000", "--param", "sleep=0.002"
+    )
+    wait_for_rows(db_url, "batch_rows", minimum=300)
+    victim.send_signal(signal.SIGKILL)
+    finish(victim)
+    out, summary = run_json(
+        cli, "run", "batch", "--database-url", db_url, "-b", "100", "--param", "n=3000", "--resume"
+    )
+    assert out.returncode == 0, out.stderr
+    assert summary["skipped"] + summary["succeeded"] == 3000
+    assert summary["skipped"] % 100 == 0, "a chunk commits whole or not at all"
+    items_once(db_url, list(range(3000)))
+
+
+def test_sigterm_lets_the_chunk_in_flight_finish_whole(spawn, write_job, db_url):
+    write_job("batch", BATCH)
+    proc = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        db_url,
+        "-b",
+        "20",
+        "-w",
+        "2",
+        "--param",
+        "n=2000",
+        "--param",
+        "sleep=0.01",
+        "--json",
+    )
+    wait_for_rows(db_url, "batch_rows", minimum=40)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 143, err
+    summary = json.loads(out)
+    [(committed,)] = query(db_url, "SELECT count(*) FROM batch_rows")
+    assert committed == summary["succeeded"] and committed % 20 == 0
+
+
+def test_shutdown_timeout_rolls_back_whole_chunks_and_says_how_many(spawn, write_job, db_url):
+    write_job("batch", BATCH)
+    proc = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        db_url,
+        "-b",
+        "10",
+        "-w",
+        "2",
+        "--param",
+        "n=200",
+        "--param",
+        "sleep=1",
+        "--shutdown-timeout",
+        "1",
+        "--json",
+    )
+    wait_for_rows(db_url, "jobrunner_runs")
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 143, err
+    json.loads(out)
+    assert query(db_url, "SELECT count(*) FROM batch_rows") == [(0,)]
+    assert "rolled back" in err
+
+
+@pytest.mark.postgres
+def test_no_chunk_begun_before_a_lost_lock_commits(spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    proc = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "-b",
+        "100",
+        "-w",
+        "2",
+        "--param",
+        "n=600",
+        "--param",
+        "sleep=0.02",
+        "--heartbeat",
+        "0.2",
+        "--json",
+    )
+    wait_for_rows(pg_url, "jobrunner_runs")
+    time.sleep(1.0)  # two chunks in flight, each about 2 s long
+    killed_at = time.time()
+    database = pg_url.rsplit("/", 1)[1]
+    query(
+        pg_url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = 'jobrunner batch lock' AND datname = '{database}'",
+    )
+    code, _out, err = finish(proc, timeout=120)
+    assert code == 0, err
+    stale = query(pg_url, f"SELECT count(*) FROM batch_rows WHERE t0 < {killed_at} AND t1 > {killed_at}")
+    assert stale == [(0,)], "a chunk in flight when the lock was lost committed"
+    items_once(pg_url, list(range(600)))
+
+
+def test_dry_run_with_chunks_commits_nothing_and_counts_exactly(cli, write_job, db_url):
+    write_job("batch", BATCH)
+    assert cli("run", "batch", "--database-url", db_url, "--param", "n=0").returncode == 0  # the table
+    out, summary = run_json(
+        cli, "run", "batch", "--database-url", db_url, "-b", "100", "--dry-run", "--param", "poison=5"
+    )
+    assert out.returncode == 1
+    assert (summary["succeeded"], summary["failed"], summary["commits"]) == (499, 1, 0)
+    assert summary["changes"] == {"batch_rows": {"insert": 499, "update": 0, "delete": 0}}
+    assert query(db_url, "SELECT count(*) FROM batch_rows") == [(0,)]

@@ -1,0 +1,328 @@
+"""One run over several processes (and hosts), through PostgreSQL's work table:
+every item exactly once, whoever dies."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from helpers import finish, query, wait_for_rows
+from jobkit import BATCH
+
+pytestmark = pytest.mark.postgres
+
+
+def items_once(url: str, n: int) -> list[tuple]:
+    rows = query(url, "SELECT item, pid FROM batch_rows ORDER BY item")
+    assert [item for item, _ in rows] == list(range(n)), f"{len(rows)} rows for {n} items"
+    return rows
+
+
+def test_processes_share_one_run_and_each_item_is_done_once(cli, write_job, pg_url):
+    write_job("batch", BATCH)
+    out = cli(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--processes",
+        "3",
+        "-b",
+        "10",
+        "--param",
+        "n=3000",
+        "--param",
+        "sleep=0.001",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"], summary["role"], summary["processes"]) == (
+        3000,
+        0,
+        "leader",
+        3,
+    )
+    rows = items_once(pg_url, 3000)
+    assert len({pid for _, pid in rows}) >= 2, "only one process did any work"
+    [run] = json.loads(cli("history", "batch", "--database-url", pg_url, "--json").stdout)
+    assert run["succeeded"] == 3000 and len(run["processes"]) == 3
+    assert {p["role"] for p in run["processes"]} == {"leader", "helper"}
+
+
+def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    args = (
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        "n=600",
+        "--param",
+        "sleep=0.01",
+        "--json",
+    )
+    leader = spawn(*args)
+    wait_for_rows(pg_url, "batch_rows", minimum=20)
+    helper = spawn(*args)
+    helper_code, helper_out, helper_err = finish(helper)
+    leader_code, leader_out, leader_err = finish(leader)
+    assert (leader_code, helper_code) == (0, 0), leader_err + helper_err
+    led, helped = json.loads(leader_out), json.loads(helper_out)
+    assert (led["role"], helped["role"]) == ("leader", "helper") and helped["run_id"] == led["run_id"]
+    assert helped["succeeded"] > 0, "the helper did nothing"
+    assert led["succeeded"] == 600 and led["processes"] == 2
+    rows = items_once(pg_url, 600)
+    assert {pid for _, pid in rows} == {leader.pid, helper.pid}
+
+
+def test_join_with_nothing_left_to_claim_exits_0_promptly(cli, spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-w",
+        "8",
+        "-b",
+        "2",
+        "--param",
+        "n=16",
+        "--param",
+        "sleep=1.5",
+    )
+    wait_for_rows(pg_url, "jobrunner_work", minimum=16)
+    time.sleep(1)  # every item is claimed: 8 chunks of 2, each 3 s long
+    t0 = time.monotonic()
+    late = cli("run", "batch", "--database-url", pg_url, "--join", "--json")
+    assert late.returncode == 0, late.stderr
+    assert json.loads(late.stdout)["succeeded"] == 0 and time.monotonic() - t0 < 5
+    assert finish(leader)[0] == 0
+
+
+def test_a_helper_killed_mid_run_gives_its_items_back(spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "20",
+        "--param",
+        "n=1500",
+        "--param",
+        "sleep=0.005",
+        "--json",
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=20)
+    helper = spawn("run", "batch", "--database-url", pg_url, "--join", "-b", "20")
+    time.sleep(1.5)
+    helper.send_signal(signal.SIGKILL)
+    finish(helper)
+    code, out, err = finish(leader)
+    assert code == 0, err
+    assert json.loads(out)["succeeded"] == 1500
+    items_once(pg_url, 1500)
+
+
+def test_when_the_leader_dies_helpers_stop_and_resume_finishes_the_rest(cli, spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        "n=2000",
+        "--param",
+        "sleep=0.01",
+        "--heartbeat",
+        "0.2",
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=20)
+    helper = spawn(
+        "run", "batch", "--database-url", pg_url, "--join", "-b", "5", "--heartbeat", "0.2", "--json"
+    )
+    time.sleep(1.5)
+    leader.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    finish(leader)
+    code, out, err = finish(helper)
+    assert code == 69, err
+    assert "the run ended under this helper" in json.loads(out)["error"]
+    [(late,)] = query(
+        pg_url, f"SELECT count(*) FROM batch_rows WHERE pid = {helper.pid} AND t1 > {killed_at + 2}"
+    )
+    assert late == 0, "the helper kept committing after its leader died"
+    out = cli(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "-b",
+        "5",
+        "--param",
+        "n=2000",
+        "--resume",
+        "--processes",
+        "2",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert "took over" in out.stderr and summary["skipped"] == 0
+    items_once(pg_url, 2000)
+
+
+def test_no_new_run_while_a_helper_of_an_older_run_can_still_commit(cli, spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        "n=3000",
+        "--param",
+        "sleep=0.01",
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=10)
+    helper = spawn("run", "batch", "--database-url", pg_url, "--join", "-b", "5", "--heartbeat", "0.2")
+    wait_for_rows(pg_url, "jobrunner_run_processes", minimum=2)
+    helper.send_signal(signal.SIGSTOP)  # alive, holding its helper's key, not heartbeating
+    try:
+        leader.send_signal(signal.SIGKILL)
+        finish(leader)
+        blocked = cli("run", "batch", "--database-url", pg_url)
+        assert blocked.returncode == 75, blocked.stderr
+        assert "helpers of an earlier run of batch can still commit" in blocked.stderr
+        assert f"pid {helper.pid}" in blocked.stderr
+    finally:
+        helper.send_signal(signal.SIGCONT)
+    assert finish(helper)[0] == 69
+    done = cli("run", "batch", "--database-url", pg_url, "-b", "5", "--param", "n=3000", "--resume")
+    assert done.returncode == 0, done.stderr
+    items_once(pg_url, 3000)
+
+
+def test_failures_are_counted_over_all_processes(cli, write_job, pg_url):
+    write_job("batch", BATCH)
+    out = cli(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--processes",
+        "2",
+        "-b",
+        "10",
+        "--param",
+        "n=500",
+        "--param",
+        "poison=3,250,499",
+        "--json",
+    )
+    assert out.returncode == 1
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (497, 3)
+    assert sorted(int(f["item"]) for f in summary["failures"]) == [3, 250, 499]
+    assert len(query(pg_url, "SELECT item FROM batch_rows")) == 497
+
+
+UNTRAVELLED = """
+class Thing:
+    pass
+
+def items(ctx, session):
+    return [Thing(), 1, 2]
+
+def process(ctx, session, item):
+    raise AssertionError("nothing may be processed")
+"""
+
+
+def test_an_item_that_cannot_travel_is_refused_before_any_work(cli, write_job, pg_url):
+    write_job("untravelled", UNTRAVELLED)
+    out = cli("run", "untravelled", "--database-url", pg_url, "--processes", "2")
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "items() yielded a jobrunner_jobs.untravelled.Thing, which cannot travel" in line
+
+
+TYPES = """
+from sqlalchemy import text
+ITEMS = [1, -2.5, "text", None, True, (1, "a"), [1, [2, 3]], {"k": (1, 2), 3: None}, ((1, 2), [3])]
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS typed (i INTEGER, ok BOOLEAN)"))
+
+def items(ctx, session):
+    return list(range(len(ITEMS)))
+
+def process(ctx, session, i):
+    pass
+"""
+
+
+def test_items_arrive_equal_and_of_the_same_type(cli, write_job, pg_url):
+    write_job(
+        "typed",
+        TYPES.replace("return list(range(len(ITEMS)))", "return list(ITEMS)").replace(
+            "def process(ctx, session, i):\n    pass",
+            "def process(ctx, session, item):\n"
+            "    ok = any(item == x and type(item) is type(x) for x in ITEMS)\n"
+            "    session.execute(text('INSERT INTO typed VALUES (0, :ok)'), {'ok': ok})",
+        ),
+    )
+    out = cli("run", "typed", "--database-url", pg_url, "--processes", "2")
+    assert out.returncode == 0, out.stderr
+    assert query(pg_url, "SELECT count(*), bool_and(ok) FROM typed") == [(9, True)]
+
+
+@pytest.mark.parametrize("flag", [["--processes", "2"], ["--join"]])
+def test_sqlite_refuses_a_distributed_run(cli, write_job, sqlite_url, flag):
+    write_job("batch", BATCH)
+    out = cli("run", "batch", "--database-url", sqlite_url, *flag)
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert "a distributed run needs PostgreSQL" in line
+
+
+def test_status_shows_the_leader_and_its_helpers(cli, spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--processes",
+        "2",
+        "--param",
+        "n=400",
+        "--param",
+        "sleep=0.05",
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=10)
+    rows = json.loads(cli("status", "--database-url", pg_url, "--json").stdout)
+    [row] = [r for r in rows if r["job"] == "batch"]
+    assert row["holder"]["pid"] == leader.pid and len(row["helpers"]) == 1
+    human = cli("status", "--database-url", pg_url).stdout
+    assert f"running (pid {leader.pid} on " in human and "1 helper" in human
+    leader.send_signal(signal.SIGTERM)
+    assert finish(leader)[0] == 143
