@@ -689,6 +689,80 @@ def bench_vacuum_items(url: str) -> list[dict]:
     return rows
 
 
+# -- 13: one run over several processes ----------------------------------------------------
+def bench_processes(url: str, runs: int, quick: bool) -> dict:
+    """CPU-bound and I/O-bound items, one process against two with the same
+    number of threads in all; the work table's cost per item; the leader's memory."""
+    jr = [*jobrunner_cmd(), "run", "--jobs-path", JOBS, "--database-url", url, "--json", "-q"]
+    n_cpu, n_io = (400, 400) if quick else (4000, 3000)
+    reset_rows(url, max(n_cpu, n_io))
+    shapes = {
+        "cpu": ["bench_cpu", "--param", f"n={n_cpu}", "--param", "ms=2", "-b", "50"],
+        "io": ["bench_cpu", "--param", f"n={n_io}", "--param", "sleep=0.01", "-b", "50"],
+    }
+    layouts = {
+        "1 process x 8 threads": ["-w", "8"],
+        "2 processes x 4 threads": ["-w", "4", "--processes", "2"],
+    }
+    rates: dict[tuple[str, str], list[float]] = {(s, lay): [] for s in shapes for lay in layouts}
+    for _ in range(runs):
+        for shape, args in shapes.items():
+            for layout, extra in layouts.items():
+                vacuum(url)
+                rates[(shape, layout)].append(_rate([*jr, *args, *extra]))
+    scale = [
+        {"items": shape, "layout": layout, "items_per_s": med(values)}
+        for (shape, layout), values in rates.items()
+    ]
+    for row in scale:
+        one = next(r for r in scale if r["items"] == row["items"] and r["layout"].startswith("1 "))
+        row["x_one"] = row["items_per_s"] / one["items_per_s"]
+    print(f"  processes: {scale}", flush=True)
+
+    # The work table's own cost: no-op items, one process with the in-memory
+    # feed against one process feeding and claiming through the work table.
+    n = 5000 if quick else 20000
+    cost = []
+    for batch in (1, 10, 100):
+        times: dict[str, list[float]] = {"memory": [], "work table": []}
+        for _ in range(runs):
+            for label, extra in (("memory", []), ("work table", ["--join"])):
+                _, out = timed([*jr, "bench_noop", "--param", f"n={n}", "-w", "4", "-b", str(batch), *extra])
+                data = json.loads(out.stdout)
+                times[label].append(data["items_seconds"] / n * 1e6)
+        row = {"batch": batch, "memory_us": med(times["memory"]), "table_us": med(times["work table"])}
+        row["cost_us"] = row["table_us"] - row["memory_us"]
+        cost.append(row)
+        print(f"  work table cost: {row}", flush=True)
+
+    memory = []
+    for items in [10_000, 100_000] if quick else [100_000, 1_000_000]:
+        probe = (
+            "import resource, subprocess, sys\n"
+            "r = subprocess.run(sys.argv[1:], capture_output=True)\n"
+            "assert r.returncode == 0, r.stderr\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        )
+        cmd = [
+            sys.executable,
+            "-c",
+            probe,
+            *jr,
+            "bench_noop",
+            "--param",
+            f"n={items}",
+            "--join",
+            "-b",
+            "100",
+            "-w",
+            "4",
+        ]
+        elapsed, out = timed(cmd)
+        memory.append({"items": items, "peak_rss_mb": int(out.stdout.strip()) / 1024, "seconds": elapsed})
+        print(f"  leader memory: {memory[-1]}", flush=True)
+    return {"scale": scale, "cost": cost, "memory": memory}
+
+
 # -- report --------------------------------------------------------------------------------------
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     head = "| " + " | ".join(c[1] for c in columns) + " |"
@@ -785,6 +859,7 @@ SECTIONS = (
     "sqlite_slow",
     "restart",
     "vacuum_items",
+    "processes",
 )
 
 
@@ -886,6 +961,9 @@ def main() -> None:
         if "restart" in only:
             print("restart", flush=True)
             results["restart"] = bench_restart(durable, prod_url)
+        if "processes" in only:
+            print("processes", flush=True)
+            results["processes"] = bench_processes(pg_url, batch_runs, args.quick)
         if "vacuum_items" in only:
             print("vacuum and items()", flush=True)
             results["vacuum_items"] = bench_vacuum_items(pg_url)
@@ -1171,6 +1249,47 @@ def extra_sections(r: dict) -> str:
                 ],
             )
         )
+    if "processes" in r:
+        p = r["processes"]
+        parts.append(
+            "## 13. One run over several processes\n\n"
+            "The same total of 8 worker threads, in one process or in two (`--processes 2`), batch 50, "
+            "fsync-off server. CPU-bound: each item spends 2 ms of its thread's CPU in pure Python, then "
+            "runs one UPDATE. I/O-bound: each item waits 10 ms, then runs the UPDATE. Items/s of "
+            "processing, median. Target: CPU-bound, 2 processes at least 1.7x one.\n\n"
+            + table(
+                p["scale"],
+                [
+                    ("items", "items", "s"),
+                    ("layout", "layout", "s"),
+                    ("items_per_s", "items/s", ".0f"),
+                    ("x_one", "x one process", ".2f"),
+                ],
+            )
+            + "\n\nThe work table's own cost: no-op items at 4 workers, one process, the in-memory feed "
+            "against the work table (`--join`: fed by the leader, claimed with SKIP LOCKED, each item's row "
+            "deleted in its chunk's transaction). Microseconds of processing per item. Target: under 15% "
+            "of a batch-1 item (section 7: about "
+            f"{1e6 / max(1.0, _batch1_rate(r)):.0f} us on the production-like server at 4 workers).\n\n"
+            + table(
+                p["cost"],
+                [
+                    ("batch", "batch size", "d"),
+                    ("memory_us", "in memory us", ".1f"),
+                    ("table_us", "work table us", ".1f"),
+                    ("cost_us", "cost us per item", ".1f"),
+                ],
+            )
+            + "\n\nPeak RSS of the leader (the whole process) feeding no-op items through the work table:\n\n"
+            + table(
+                p["memory"],
+                [
+                    ("items", "items", ",d"),
+                    ("peak_rss_mb", "peak RSS MiB", ".1f"),
+                    ("seconds", "wall s", ".1f"),
+                ],
+            )
+        )
     if "vacuum_items" in r:
         parts.append(
             "## 12. VACUUM and how items() reads\n\n"
@@ -1186,6 +1305,13 @@ def extra_sections(r: dict) -> str:
             )
         )
     return "\n\n".join(parts)
+
+
+def _batch1_rate(r: dict) -> float:
+    for row in r.get("batches", []):
+        if row["profile"] == "production-like" and row["workers"] == 4:
+            return row["batch 1"]
+    return 0.0
 
 
 def batches_section(rows: list[dict]) -> str:

@@ -173,6 +173,8 @@ class _Run:
                         notice=self.reporter.notice,
                     )
                     self.leader.open(self.guard.backend if self.guard else None, self.opening.resumed_from)
+                    # Now, not after setup(): a spawned interpreter takes a second to start.
+                    self.leader.start_local_helpers()
                 with catch_signals(self.stop, self.reporter.notice, self.config.shutdown_timeout):
                     if self.config.dry_run:
                         self._dry_run()
@@ -267,8 +269,6 @@ class _Run:
                     feed.close(workers.count)
 
         workers.start(produce_items)
-        if leader is not None:
-            leader.start_local_helpers()
         self._supervise(workers)
         workers.join_producer(timeout=1.0)
         if leader is not None:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     exc,
     func,
     inspect,
+    literal_column,
     select,
     text,
 )
@@ -111,6 +113,8 @@ work = Table(
     Column("item", Text, nullable=False),  # JSON, see worktable.encode
     Column("key", String(500)),  # item_key(item), when the job has one (for --resume)
 )
+# Claims read one lane (seq modulo 64, see worktable.LANES) in seq order.
+Index("jobrunner_work_lanes", work.c.run_id, work.c.seq % literal_column("64"), work.c.seq)
 
 # Items of a distributed run that failed alone: recorded, with their work
 # row deleted, in one transaction, by the process that replayed them.

@@ -16,15 +16,18 @@ and dicts of these (a tuple stays a tuple, dict keys keep their types).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
+import random
 import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, insert, literal_column, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from jobrunner import tables
@@ -35,8 +38,14 @@ from jobrunner.outage import Kind, Outage, classify
 from jobrunner.result import Status
 
 log = logging.getLogger("jobrunner")
-FEED_BATCH = 500
+FEED_BATCH = 1000
 POLL_S = 0.05
+# Claims spread over lanes (seq modulo LANES), each worker starting on a lane
+# of its own. Were they all to claim the lowest free rows, they would keep
+# meeting rows that another worker deleted since their statement began, and
+# at REPEATABLE READ a FOR UPDATE on such a row fails (40001) even with SKIP
+# LOCKED: measured at 1.7 ms of wasted round trips per no-op item at batch 1.
+LANES = 64
 _SCALARS = (type(None), bool, int, float, str)
 
 
@@ -90,26 +99,33 @@ def _describe(value: Any) -> str:
 work = tables.work
 
 
-def _claim(run_id: int, limit: int) -> Any:
-    chosen = (
-        select(work.c.run_id, work.c.seq)
-        .where(work.c.run_id == run_id)
-        .order_by(work.c.seq)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+def _claiming(*, lane: bool) -> Any:
+    """``DELETE`` up to ``:limit`` free rows of run ``:run_id`` (of lane ``:lane``),
+    returning them. Built once: SQLAlchemy then reuses the compiled form."""
+    chosen = select(work.c.run_id, work.c.seq).where(work.c.run_id == bindparam("run_id"))
+    if lane:
+        chosen = chosen.where(work.c.seq % literal_column(str(LANES)) == bindparam("lane"))
+    chosen = chosen.order_by(work.c.seq).limit(bindparam("limit")).with_for_update(skip_locked=True)
     return (
-        delete(work).where(tuple_(work.c.run_id, work.c.seq).in_(chosen)).returning(work.c.seq, work.c.item)
+        delete(work)
+        .where(tuple_(work.c.run_id, work.c.seq).in_(chosen))
+        .returning(work.c.seq, work.c.item)
     )
 
 
-def _reclaim(run_id: int, seqs: list[int]) -> Any:
-    chosen = (
-        select(work.c.run_id, work.c.seq)
-        .where(work.c.run_id == run_id, work.c.seq.in_(seqs))
-        .with_for_update(skip_locked=True)
+CLAIM_LANE = _claiming(lane=True)
+CLAIM_ANY = _claiming(lane=False)
+RECLAIM = (
+    delete(work)
+    .where(
+        tuple_(work.c.run_id, work.c.seq).in_(
+            select(work.c.run_id, work.c.seq)
+            .where(work.c.run_id == bindparam("run_id"), work.c.seq.in_(bindparam("seqs", expanding=True)))
+            .with_for_update(skip_locked=True)
+        )
     )
-    return delete(work).where(tuple_(work.c.run_id, work.c.seq).in_(chosen)).returning(work.c.seq)
+    .returning(work.c.seq)
+)
 
 
 def retry_gone(outage: Outage, action: Callable[[], Any]) -> Any:
@@ -135,11 +151,17 @@ class WorkTableFeed:
         self.stop = stop
         self.outage = outage
         self.leader = leader
+        self._lanes = threading.local()
 
     def take(self, session: Session, limit: int) -> list[Entry] | None:
+        lane = self._lanes.__dict__.setdefault("lane", random.randrange(LANES))
         while not self.stop.is_set():
             try:
-                rows = session.execute(_claim(self.run_id, limit)).all()
+                params = {"run_id": self.run_id, "limit": limit, "lane": lane}
+                rows = session.execute(CLAIM_LANE, params).all()
+                if not rows:  # this lane is dry: anything at all, then the next lane
+                    rows = session.execute(CLAIM_ANY, params).all()
+                    lane = self._lanes.lane = (lane + 1) % LANES
             except Exception as error:
                 _rollback(session)
                 kind = classify(error)
@@ -160,7 +182,8 @@ class WorkTableFeed:
         return None
 
     def reclaim(self, session: Session, chunk: list[Entry]) -> list[Entry]:
-        ours = set(session.execute(_reclaim(self.run_id, [seq for _, seq in chunk])).scalars())
+        seqs = [seq for _, seq in chunk]
+        ours = set(session.execute(RECLAIM, {"run_id": self.run_id, "seqs": seqs}).scalars())
         return [entry for entry in chunk if entry[1] in ours]
 
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
@@ -169,7 +192,7 @@ class WorkTableFeed:
 
         def settle() -> bool:
             with self.database.bookkeeping() as session, session.begin():
-                gone = session.execute(_reclaim(self.run_id, [token])).first()
+                gone = session.execute(RECLAIM, {"run_id": self.run_id, "seqs": [token]}).first()
                 if gone is None:
                     return False
                 session.execute(
@@ -255,7 +278,7 @@ class Feeder:
 
         def write() -> None:
             with self.database.bookkeeping() as session, session.begin():
-                session.execute(insert(work), rows)
+                _copy_rows(session, rows)
                 session.execute(
                     update(tables.runs)
                     .where(tables.runs.c.id == self.run_id)
@@ -272,6 +295,23 @@ class Feeder:
     def _fed_all(self) -> None:
         with self.database.bookkeeping() as session, session.begin():
             session.execute(update(tables.runs).where(tables.runs.c.id == self.run_id).values(fed_all=True))
+
+
+def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """COPY, not INSERT: measured, a multi-row INSERT of 500 rows took most of the
+    leader's feeding time, and feeding capped a run of cheap items."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for row in rows:
+        writer.writerow((row["run_id"], row["seq"], row["item"], "" if row["key"] is None else row["key"]))
+    buffer.seek(0)
+    cursor = session.connection().connection.cursor()
+    try:
+        cursor.copy_expert(
+            "COPY jobrunner_work (run_id, seq, item, key) FROM STDIN WITH (FORMAT csv, NULL '')", buffer
+        )
+    finally:
+        cursor.close()
 
 
 def _rollback(session: Session) -> None:
