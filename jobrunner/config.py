@@ -337,7 +337,7 @@ def _resolve_path(value: str | Path, base: Path) -> Path:
 
 
 _SCHEME = re.compile(r"^(?P<dialect>[A-Za-z0-9_]+)(\+(?P<driver>[A-Za-z0-9_]+))?://")
-SERVER_DIALECTS = {"postgresql": "psycopg2"}
+SERVER_DIALECTS = {"postgresql": "psycopg2", "mysql": "pymysql", "mariadb": "pymysql"}
 
 
 def dialect_of(url: str) -> str:
@@ -355,14 +355,14 @@ def resolve_database_url(url: str, base: Path, origin: str | None = None) -> str
     if dialect != "sqlite" and dialect not in SERVER_DIALECTS:
         raise ConfigError(
             f"database URL {shown!r}{where} is not supported: "
-            "use sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB"
+            "use sqlite:///PATH, postgresql+psycopg2://USER@HOST/DB or mysql+pymysql://USER@HOST/DB"
         )
     if dialect != "sqlite":
         _check_server_url(url, f"database URL {shown!r}{where}")
         match = _SCHEME.match(url)
         if match is not None and match.group("driver") is None:
-            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver
-            # we ship (and test) is psycopg2.
+            # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, and mysql://
+            # to mysqlclient; the drivers we ship (and test) are psycopg2 and PyMySQL.
             return f"{dialect}+{SERVER_DIALECTS[dialect]}://" + url.partition("://")[2]
         return url
     prefix, _, rest = url.partition("://")

@@ -56,7 +56,20 @@ SQL_ISOLATION = {
 }
 # The safe default per database: no lost update from a read-modify-write.
 # SQLite's BEGIN IMMEDIATE serialises writers whatever the setting says.
-DEFAULT_ISOLATION = {"postgresql": "repeatable_read", "sqlite": "serializable"}
+# InnoDB's REPEATABLE READ does not stop a lost update (a plain SELECT reads a
+# snapshot, and the UPDATE overwrites whatever committed since); SERIALIZABLE
+# makes that SELECT take a shared lock, and the race ends in a deadlock (1213)
+# that --retries retries.
+DEFAULT_ISOLATION = {"postgresql": "repeatable_read", "sqlite": "serializable", "mysql": "serializable"}
+# MySQL/MariaDB sessions: the server must not end a connection that sits idle
+# for hours (wait_timeout), nor the lock's idle transaction (MariaDB's
+# idle_*transaction_timeout).
+MYSQL_IDLE_S = 365 * 24 * 3600
+MARIADB_GUARD = (
+    "SET SESSION idle_transaction_timeout = 0, idle_write_transaction_timeout = 0, "
+    "idle_readonly_transaction_timeout = 0"
+)
+MYSQL_DRIVER_HINT = "install the MySQL/MariaDB driver with: pip install 'jobrunner[mysql]'"
 BOOKKEEPING = "READ COMMITTED"
 # Connections a run holds at most besides its workers: the items reader, the
 # setup/history session, and a spare for a history write that overlaps a
@@ -80,6 +93,11 @@ class Database:
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    @property
+    def family(self) -> str:
+        """postgresql, sqlite or mysql (MariaDB included)."""
+        return family(self.dialect)
 
     def session(self) -> Session:
         """A worker's session: writes, at the job's isolation level."""
@@ -132,6 +150,15 @@ class Database:
             # The lock database keeps the rollback journal: nothing reads it
             # while the guard writes, and it needs no -wal/-shm files.
             engine = _sqlite_engine(lock_database_path(self.url, job), pool_size=1, timeout=0, wal=False)
+        elif self.family == "mysql":
+            engine = _mysql_engine(
+                self.url,
+                pool_size=1,
+                max_overflow=0,
+                name=f"jobrunner {job} {role}",
+                isolation=BOOKKEEPING,
+                guard=True,
+            )
         else:
             engine = _postgres_engine(
                 self.url,
@@ -149,6 +176,10 @@ class Database:
         if self._probe_engine is None:
             if self.is_sqlite:
                 self._probe_engine = create_engine(f"sqlite:///{sqlite_path(self.url)}", poolclass=NullPool)
+            elif self.family == "mysql":
+                self._probe_engine = _mysql_engine(
+                    self.url, pool_size=1, max_overflow=0, name=f"jobrunner {self.job}", pool=NullPool
+                )
             else:
                 self._probe_engine = _postgres_engine(
                     self.url,
@@ -186,6 +217,14 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
             path = sqlite_path(url)
             check_sqlite_file(path, create=create, writes=create)
             engine = _sqlite_engine(path, pool_size=pool_size)
+        elif family(dialect) == "mysql":
+            engine = _mysql_engine(
+                url,
+                pool_size=pool_size,
+                max_overflow=0,
+                name=f"jobrunner {job}",
+                isolation=SQL_ISOLATION[isolation],
+            )
         else:
             engine = _postgres_engine(
                 url,
@@ -195,7 +234,8 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
                 isolation=SQL_ISOLATION[isolation],
             )
     except (ImportError, exc.NoSuchModuleError) as error:
-        raise ConfigError(f"database URL {shown!r}: driver not available ({error})") from None
+        hint = MYSQL_DRIVER_HINT if family(dialect) == "mysql" else f"driver not available ({error})"
+        raise ConfigError(f"database URL {shown!r}: {hint}") from None
 
     factory = sessionmaker(bind=engine)
     event.listen(factory, "after_begin", _check_owner)
@@ -204,6 +244,8 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
         with engine.connect() as conn:
             if dialect == "postgresql" and create:
                 check_connection_slots(conn, pool_size + 1, workers, config.origin("workers"))
+            elif family(dialect) == "mysql" and create:
+                check_mysql_connections(conn, pool_size + 1, workers, config.origin("workers"))
     except exc.DBAPIError as error:
         engine.dispose()
         raise DatabaseUnavailable(f"cannot connect to {shown}: {describe_error(error)}") from None
@@ -255,6 +297,32 @@ def check_connection_slots(conn: Any, needed: int, workers: int, origin: str) ->
                 f"{origin} {workers} needs {needed} database connections, but only {free} are free now "
                 f"({what}, {in_use - 1} in use by other clients): try later or with fewer workers"
             )
+
+
+def check_mysql_connections(conn: Any, needed: int, workers: int, origin: str) -> None:
+    """As :func:`check_connection_slots`, for MySQL/MariaDB (one extra slot is
+    kept for a SUPER user there, so the plain limit is max_connections)."""
+    limit, user_limit = conn.execute(text("SELECT @@max_connections, @@max_user_connections")).one()
+    used = int(conn.execute(text("SHOW STATUS LIKE 'Threads_connected'")).one()[1])
+    limits = [(int(limit), used, f"the server allows {limit} connections (max_connections)")]
+    if user_limit:
+        limits.append((int(user_limit), used, f"max_user_connections is {user_limit}"))
+    for cap, in_use, what in limits:
+        if needed > cap:
+            raise ConfigError(
+                f"{origin} {workers} needs {needed} database connections (workers + {needed - workers} "
+                f"for the items reader, bookkeeping and the lock), but {what}: use fewer workers"
+            )
+        free = cap - in_use + 1
+        if needed > free:
+            raise DatabaseUnavailable(
+                f"{origin} {workers} needs {needed} database connections, but only {free} are free now "
+                f"({what}, {in_use - 1} in use by other clients): try later or with fewer workers"
+            )
+
+
+def family(dialect: str) -> str:
+    return "mysql" if dialect in ("mysql", "mariadb") else dialect
 
 
 def _check_owner(session: Session, transaction: Any, connection: Any) -> None:
@@ -359,6 +427,43 @@ def _postgres_engine(
         },
         **kwargs,
     )
+
+
+def _mysql_engine(
+    url: str,
+    *,
+    pool_size: int,
+    max_overflow: int,
+    name: str,
+    isolation: str = BOOKKEEPING,
+    guard: bool = False,
+    pool: Any = None,
+) -> Engine:
+    """PyMySQL. Connections name themselves (program_name, in
+    performance_schema.session_connect_attrs) and opt out of the server's idle
+    timeouts: a worker's pooled connection may idle for hours, and the lock's
+    transaction idles for the whole run."""
+    kwargs: dict[str, Any] = (
+        {"poolclass": pool}
+        if pool is not None
+        else {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
+    )
+    engine = create_engine(
+        url,
+        isolation_level=isolation,
+        connect_args={"program_name": name[:APP_NAME_MAX], "connect_timeout": 10},
+        **kwargs,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET SESSION wait_timeout = {MYSQL_IDLE_S}, interactive_timeout = {MYSQL_IDLE_S}")
+        if guard and "mariadb" in dbapi_connection.get_server_info().lower():
+            cursor.execute(MARIADB_GUARD)
+        cursor.close()
+
+    return engine
 
 
 def lock_database_path(url: str, job: str) -> str:

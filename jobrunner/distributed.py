@@ -53,11 +53,14 @@ TICK_S = 0.2
 
 
 def check_supported(database: Database, config: Config) -> None:
+    where = config.origin("processes") if config.processes > 1 else config.origin("join")
     if database.is_sqlite:
         raise ConfigError(
-            f"{config.origin('processes') if config.processes > 1 else config.origin('join')}: a distributed "
-            "run needs PostgreSQL (SQLite has no row-level claiming, and its writers take turns anyway)"
+            f"{where}: a distributed run needs PostgreSQL (SQLite has no row-level claiming, "
+            "and its writers take turns anyway)"
         )
+    if database.family != "postgresql":
+        raise ConfigError(f"{where}: a distributed run needs PostgreSQL (its work table and helper fencing)")
 
 
 # -- the record of every process ---------------------------------------------------------

@@ -32,6 +32,8 @@ from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.feed import Entry
 
+_DDL = re.compile(r"^\s*(create|alter|drop|truncate|rename)\b", re.I)
+_CREATE_IF_MISSING = re.compile(r"^\s*create\s+table\s+if\s+not\s+exists\s+[`\"]?([\w$]+)[`\"]?", re.I)
 _DML = re.compile(r"^\s*(insert\s+(?:or\s+\w+\s+)?into|update|delete\s+from)\s+[`\"]?([\w.]+)[`\"]?", re.I)
 
 
@@ -96,6 +98,34 @@ class ChangeCounter:
             return {table: dict(counts) for table, counts in sorted(self._counts.items())}
 
 
+class CannotUndo(Exception):
+    """MySQL and MariaDB commit DDL at once, inside any transaction."""
+
+
+def _refuse_ddl(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    """MySQL commits DDL at once, with everything before it, even a CREATE TABLE
+    IF NOT EXISTS of a table that exists. That one is skipped (it would do
+    nothing but commit); any other DDL ends the dry run before it runs."""
+    if not _DDL.match(statement):
+        return statement, parameters
+    missing = _CREATE_IF_MISSING.match(statement)
+    if missing is not None:
+        cursor.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = %s",
+            (missing.group(1),),
+        )
+        if cursor.fetchone()[0]:
+            return "SELECT 1", ()
+    words = " ".join(statement.split()[:4])
+    raise CannotUndo(
+        f"a dry run on MySQL/MariaDB cannot undo DDL ({words} ...), which the server commits at once, "
+        "together with everything before it: run the job once for real (or create its tables) first"
+    )
+
+
 class _Serial:
     """The dry run's feed: items come straight from the iterator, in this thread."""
 
@@ -128,6 +158,8 @@ def run(
         else database.engine.execution_options(isolation_level=dbmod.BOOKKEEPING)
     )
     with engine.connect() as connection:
+        if database.family == "mysql":
+            event.listen(connection, "before_cursor_execute", _refuse_ddl, retval=True)
         outer = connection.begin()
         try:
 

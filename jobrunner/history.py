@@ -162,9 +162,8 @@ class RunRecorder:
         }
         self.run_id = self._write(
             "record this run",
-            lambda s: s.execute(
-                insert(tables.runs).values(**values).returning(tables.runs.c.id)
-            ).scalar_one(),
+            # inserted_primary_key, not RETURNING: MySQL has no INSERT ... RETURNING.
+            lambda s: s.execute(insert(tables.runs).values(**values)).inserted_primary_key[0],
         )
         return self.run_id
 

@@ -46,12 +46,12 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy import exc, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.exceptions import EX_UNAVAILABLE, DatabaseUnavailable, JobrunnerError, LockHeld
-from jobrunner.outage import Kind, classify, is_sqlite_busy
+from jobrunner.outage import Kind, classify, is_sqlite_busy, mysql_code
 from jobrunner.result import Status
 from jobrunner.stop import Stop
 from jobrunner.transaction import Verdict
@@ -194,6 +194,7 @@ class _Heartbeat:
                 if session is None:
                     return
             try:
+                self._let_go(session)
                 session.rollback()  # ends the transaction: the lock is released
             except exc.DBAPIError:
                 pass
@@ -206,10 +207,13 @@ class _Heartbeat:
         :class:`LockHeld` (or :class:`RunOver`) if it cannot be had."""
         raise NotImplementedError
 
+    def _let_go(self, session: Any) -> None:
+        """Anything the end of the transaction does not release by itself."""
+
     def _beat(self, session: Any, backend: Any) -> str | None:
         """None while the right holds, else why not."""
         try:
-            current = session.scalar(text("SELECT 1") if backend is None else select(func.pg_backend_pid()))
+            current = session.scalar(text("SELECT 1") if backend is None else backend_query(self.database))
         except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
             return f"the {self.what}'s database connection failed: {dbmod.describe_error(error)}"
         if backend is not None and current != backend:
@@ -350,13 +354,27 @@ class Guard(_Heartbeat):
             raise
 
     def _ensure_row(self, session: Any) -> None:
-        insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
+        if self.database.family == "mysql":
+            # Look first: InnoDB's duplicate check takes a lock on the existing
+            # row, so INSERT IGNORE would wait behind the holder's FOR UPDATE.
+            if session.scalar(select(func.count()).where(tables.locks.c.job == self.job)):
+                session.commit()
+                return
+            insert = mysql.insert(tables.locks).values(job=self.job).prefix_with("IGNORE")
+        else:
+            insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
         session.execute(insert)
         session.commit()
+
+    def _let_go(self, session: Any) -> None:
+        if self.mode == "advisory" and self.database.family == "mysql":
+            release_advisory(session, self.job)
 
     def _backend_id(self, session: Any) -> tuple[Any, str | None]:
         if self.mode == "file":
             return None, None
+        if self.database.family == "mysql":
+            return session.scalar(backend_query(self.database)), None
         return backend_identity(session)
 
     def _write_holder(self) -> None:
@@ -365,11 +383,37 @@ class Guard(_Heartbeat):
             "pid": os.getpid(),
             "since": datetime.now(UTC).replace(tzinfo=None),
         }
-        dialect = postgresql if not self.database.is_sqlite else sqlite
-        statement = dialect.insert(tables.lock_holders).values(job=self.job, **values)
-        statement = statement.on_conflict_do_update(index_elements=["job"], set_=values)
+        if self.database.family == "mysql":
+            statement = mysql.insert(tables.lock_holders).values(job=self.job, **values)
+            statement = statement.on_duplicate_key_update(**values)
+        else:
+            dialect = postgresql if not self.database.is_sqlite else sqlite
+            statement = dialect.insert(tables.lock_holders).values(job=self.job, **values)
+            statement = statement.on_conflict_do_update(index_elements=["job"], set_=values)
         with self.database.bookkeeping() as session, session.begin():
             session.execute(statement)
+
+
+def backend_query(database: dbmod.Database) -> Any:
+    """The statement that names this connection's server process."""
+    if database.family == "mysql":
+        return select(func.connection_id())
+    return select(func.pg_backend_pid())
+
+
+# MySQL/MariaDB: what FOR UPDATE NOWAIT raises when another session holds the
+# row. MySQL 8: ER_LOCK_NOWAIT (3572). MariaDB: ER_LOCK_WAIT_TIMEOUT (1205),
+# raised at once under NOWAIT. Only for the guard's own statement is it "held".
+MYSQL_LOCK_HELD = {3572, 1205}
+
+
+def mysql_lock_name(job: str) -> str:
+    """GET_LOCK names are at most 64 characters."""
+    return f"jobrunner:{advisory_key(job):x}"
+
+
+def release_advisory(session: Any, job: str) -> None:
+    session.execute(select(func.release_lock(mysql_lock_name(job))))
 
 
 def backend_identity(session: Any) -> tuple[int, str]:
@@ -471,18 +515,30 @@ class HelperFence(_Heartbeat):
 
 def try_lock(session: Any, job: str, mode: str) -> bool:
     """Take the job's lock in ``session``'s transaction if it is free; never waits."""
+    mysql_family = session.get_bind().dialect.name in ("mysql", "mariadb")
     try:
         if mode == "file":
             session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE, no busy timeout
             return True
+        if mode == "advisory" and mysql_family:
+            # A session lock, not a transaction's: released by RELEASE_LOCK or
+            # when the connection ends (see Guard._let_go).
+            return session.scalar(select(func.get_lock(mysql_lock_name(job), 0))) == 1
         if mode == "advisory":
             return bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(job)))))
+        if mysql_family:
+            row = session.execute(
+                select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(nowait=True)
+            ).first()
+            return row is not None
         row = session.execute(
             select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(skip_locked=True)
         ).first()
         return row is not None
     except exc.OperationalError as error:
         if mode == "file" and is_sqlite_busy(error):
+            return False
+        if mysql_family and mysql_code(error) in MYSQL_LOCK_HELD:
             return False
         raise
 
@@ -544,6 +600,8 @@ def probe(database: dbmod.Database, job: str, mode: str = "row") -> dict[str, An
             if not exists:
                 return None
         held = not try_lock(session, job, mode)
+        if not held and mode == "advisory" and database.family == "mysql":
+            release_advisory(session, job)
         session.rollback()
     except exc.DBAPIError as error:
         raise DatabaseUnavailable(f"cannot read the job's lock: {dbmod.describe_error(error)}") from None

@@ -151,7 +151,7 @@ class _Run:
         started_at, t0 = datetime.now(UTC), time.monotonic()
         try:
             with self._guard():
-                if self.guard is not None and not self.database.is_sqlite:
+                if self.guard is not None and self.database.family == "postgresql":
                     # Any run that takes the lock, distributed or not: a helper
                     # of an earlier run that can still commit must be gone first.
                     self.helpers_remain = True

@@ -24,6 +24,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from jobrunner.config import Config
@@ -36,6 +37,8 @@ PREFIX = "jobrunner_"
 SCHEMA_LOCK_KEY = 0x6A6F6272756E6E  # "jobrunn"
 
 metadata = MetaData()
+# Microseconds on MySQL too (its DATETIME keeps whole seconds unless told).
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 # One row per job: the row the guard locks FOR UPDATE NOWAIT.
 locks = Table(
@@ -53,7 +56,7 @@ lock_holders = Table(
     Column("job", String(200), primary_key=True),
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
-    Column("since", DateTime, nullable=False),  # naive UTC
+    Column("since", Timestamp, nullable=False),  # naive UTC
 )
 
 runs = Table(
@@ -63,8 +66,8 @@ runs = Table(
     Column("job", String(200), nullable=False, index=True),
     Column("status", String(20), nullable=False),
     Column("dry_run", Boolean, nullable=False, default=False),
-    Column("started_at", DateTime, nullable=False),  # naive UTC
-    Column("finished_at", DateTime),
+    Column("started_at", Timestamp, nullable=False),  # naive UTC
+    Column("finished_at", Timestamp),
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
     Column("workers", Integer, nullable=False),
@@ -80,7 +83,7 @@ runs = Table(
     Column("rolled_back", Integer),
     Column("batch_size", Integer),
     Column("lock", String(20)),  # row, advisory, file, or none (--no-lock)
-    Column("checkpoint_at", DateTime),  # naive UTC; the counts are current as of then
+    Column("checkpoint_at", Timestamp),  # naive UTC; the counts are current as of then
     # A distributed run (see worktable.py): whether helpers may join, what the
     # leader has fed to the work table, and why it asks its helpers to stop.
     Column("accepts_helpers", Boolean),
@@ -114,7 +117,9 @@ work = Table(
     Column("key", String(500)),  # item_key(item), when the job has one (for --resume)
 )
 # Claims read one lane (seq modulo 64, see worktable.LANES) in seq order.
-Index("jobrunner_work_lanes", work.c.run_id, work.c.seq % literal_column("64"), work.c.seq)
+Index("jobrunner_work_lanes", work.c.run_id, work.c.seq % literal_column("64"), work.c.seq).ddl_if(
+    dialect="postgresql"  # distributed runs are PostgreSQL's; MariaDB has no index on an expression
+)
 
 # Items of a distributed run that failed alone: recorded, with their work
 # row deleted, in one transaction, by the process that replayed them.
@@ -138,9 +143,9 @@ run_processes = Table(
     Column("host", String(255), primary_key=True),
     Column("pid", Integer, primary_key=True, autoincrement=False),
     Column("role", String(20), nullable=False),  # leader or helper
-    Column("started_at", DateTime, nullable=False),
-    Column("checkpoint_at", DateTime),
-    Column("finished_at", DateTime),
+    Column("started_at", Timestamp, nullable=False),
+    Column("checkpoint_at", Timestamp),
+    Column("finished_at", Timestamp),
     Column("status", String(20), nullable=False),
     Column("workers", Integer, nullable=False),
     Column("succeeded", Integer, nullable=False, default=0),
@@ -176,14 +181,22 @@ def ensure_schema(engine: Engine) -> None:
     if not tables and not columns:
         return
     with engine.begin() as conn:
+        mysql = conn.dialect.name in ("mysql", "mariadb")
         if conn.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
-        metadata.create_all(conn, checkfirst=True)
-        _, columns = _missing(conn)
-        for table, absent in columns.items():
-            for column in absent:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(text(f'ALTER TABLE {table} ADD COLUMN "{column.name}" {kind}'))
+        elif mysql:  # a session lock: MySQL commits DDL at once, so no transaction holds it
+            conn.execute(text("SELECT GET_LOCK('jobrunner-schema', 60)"))
+        try:
+            metadata.create_all(conn, checkfirst=True)
+            _, columns = _missing(conn)
+            quote = conn.dialect.identifier_preparer.quote
+            for table, absent in columns.items():
+                for column in absent:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {quote(column.name)} {kind}"))
+        finally:
+            if mysql:
+                conn.execute(text("SELECT RELEASE_LOCK('jobrunner-schema')"))
 
 
 def has_schema(database: Database) -> bool:

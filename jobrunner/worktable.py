@@ -107,9 +107,7 @@ def _claiming(*, lane: bool) -> Any:
         chosen = chosen.where(work.c.seq % literal_column(str(LANES)) == bindparam("lane"))
     chosen = chosen.order_by(work.c.seq).limit(bindparam("limit")).with_for_update(skip_locked=True)
     return (
-        delete(work)
-        .where(tuple_(work.c.run_id, work.c.seq).in_(chosen))
-        .returning(work.c.seq, work.c.item)
+        delete(work).where(tuple_(work.c.run_id, work.c.seq).in_(chosen)).returning(work.c.seq, work.c.item)
     )
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).parent))
+from mysqlserver import MariaDBServer, find_server
 from pgserver import PostgresServer, find_bindir
 
 TEMPLATE = "jobrunner_template"
@@ -123,14 +124,74 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
     admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[MariaDBServer | None]:
+    """The suite's own MariaDB server (None when JOBRUNNER_TEST_MYSQL_URL names one)."""
+    if os.environ.get("JOBRUNNER_TEST_MYSQL_URL"):
+        yield None
+        return
+    found = find_server()
+    if found is None:
+        message = "no MariaDB server binaries (Debian's mariadb-server package) on this machine"
+        if _ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    server = MariaDBServer(*found)
+    try:
+        server.start()
+    except (subprocess.CalledProcessError, OSError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        message = f"cannot start MariaDB: {error} {detail.decode(errors='replace')}"
+        if _ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mysql_admin_url(mysql_server: MariaDBServer | None) -> str:
+    return os.environ.get("JOBRUNNER_TEST_MYSQL_URL") or mysql_server.admin_url  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def mysql_url(mysql_admin_url: str) -> Iterator[str]:
+    """A fresh database on the MariaDB server (creating one is cheap there)."""
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    admin = create_engine(mysql_admin_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(mysql_admin_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+    admin.dispose()
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mysql),
+    ]
+)
 def db_url(request: pytest.FixtureRequest) -> str:
-    """Every contract test runs on both databases."""
+    """Every contract test runs on the three databases."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    if request.param == "mariadb":
+        return request.getfixturevalue("mysql_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def sp_url(request: pytest.FixtureRequest) -> str:
+    """SQLite and PostgreSQL: for tests whose MariaDB side is covered elsewhere."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("pg_url")

@@ -90,7 +90,7 @@ def items(ctx, session):
     return range(int(ctx.params.get("n", 200)))
 
 def process(ctx, session, item):
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name != "sqlite":  # SQLite's BEGIN IMMEDIATE locks already
         n = session.execute(text("SELECT n FROM counter WHERE id = 1 FOR UPDATE")).scalar()
     else:
         n = session.execute(text("SELECT n FROM counter WHERE id = 1")).scalar()
@@ -319,7 +319,7 @@ SET_BASED = '''
 from sqlalchemy import Column, Integer, MetaData, Table, insert
 
 metadata = MetaData()
-done = Table("done_set", metadata, Column("item", Integer, primary_key=True))
+done = Table("done_set", metadata, Column("item", Integer, primary_key=True, autoincrement=False))
 BATCH_SIZE = 50
 
 def setup(ctx, session):

@@ -36,7 +36,10 @@ def test_read_modify_write_of_a_hot_row_never_loses_an_update_silently(cli, writ
     assert summary["succeeded"] + summary["failed"] == 2000
     if summary["failed"]:
         assert out.returncode == 1 and summary["status"] == "failed"
-        assert all("SerializationFailure" in f["error"] for f in summary["failures"])
+        # PostgreSQL: a serialization failure; MySQL/MariaDB: a deadlock (1213)
+        assert all(
+            "SerializationFailure" in f["error"] or "Deadlock" in f["error"] for f in summary["failures"]
+        ), summary["failures"][:3]
     else:
         assert out.returncode == 0 and n == 2000
     if db_url.startswith("sqlite"):

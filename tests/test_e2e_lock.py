@@ -14,14 +14,16 @@ from jobkit import CONCURRENCY, RECORD, TWO_ROWS
 
 def test_second_copy_exits_75_at_once_and_first_finishes(spawn, write_job, db_url):
     write_job("two_rows", TWO_ROWS)
-    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.2")
+    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=80", "--param", "sleep=0.2")
     wait_for_rows(db_url, "pairs")
     t0 = time.monotonic()
     loser = spawn("run", "two_rows", "--database-url", db_url, "--json")
     code, out, err = finish(loser)
     elapsed = time.monotonic() - t0
     assert code == 75, err
-    assert elapsed < 1.0, f"the loser took {elapsed:.2f}s"
+    # "At once": the process's start-up (about 0.8 s of imports on these loaded
+    # 2-core machines), not the holder's 4 s. bench/run.py section 5 times it.
+    assert elapsed < 2.0, f"the loser took {elapsed:.2f}s"
     line = err.strip()
     assert len(line.splitlines()) == 1
     assert line.startswith(f"two_rows is already running (pid {holder.pid} on ")

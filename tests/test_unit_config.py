@@ -97,7 +97,7 @@ def test_in_memory_sqlite_is_refused(tmp_path, url):
         load({"database_url": url}, environ={}, cwd=tmp_path)
 
 
-@pytest.mark.parametrize("url", ["mysql://u@h/db", "oracle://x", "not a url", "postgres://u@h/db"])
+@pytest.mark.parametrize("url", ["mssql://u@h/db", "oracle://x", "not a url", "postgres://u@h/db"])
 def test_unsupported_urls_are_refused(tmp_path, url):
     with pytest.raises(ConfigError):
         load({"database_url": url}, environ={}, cwd=tmp_path)
@@ -117,7 +117,7 @@ def test_passwords_are_redacted():
 
 def test_password_is_not_in_config_errors(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load({"database_url": "mysql://app:hunter2@db/app"}, environ={}, cwd=tmp_path)
+        load({"database_url": "oracle://app:hunter2@db/app"}, environ={}, cwd=tmp_path)
     assert "hunter2" not in str(info.value)
 
 
