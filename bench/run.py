@@ -899,14 +899,19 @@ def main() -> None:
     # Two servers side by side: fsync off (the first benchmarks' profile, kept for
     # comparison) and production-like (fsync and synchronous_commit on, the
     # defaults a real server runs with). Both on this machine, over loopback.
+    from mysqlserver import MariaDBServer, find_server
+
     fast, durable = PostgresServer(find_bindir()), PostgresServer(find_bindir(), durable=True)
     fast.start()
     durable.start()
+    mariadb = MariaDBServer(*find_server())
+    mariadb.start()
     pg_url = _database(fast, "bench")
     prod_url = _database(durable, "bench")
+    maria_url = _mysql_database(mariadb, "bench")
     work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))
     sqlite_url = f"sqlite:///{work / 'bench.db'}"
-    databases = [("sqlite", sqlite_url), ("postgresql", pg_url)]
+    databases = [("sqlite", sqlite_url), ("postgresql", pg_url), ("mariadb", maria_url)]
     saved = json.loads(latest.read_text()) if latest.exists() and args.only else {"results": {}}
     results: dict = saved["results"]
     counter = iter(range(10_000))
@@ -928,7 +933,7 @@ def main() -> None:
             ]
         if "memory" in only:
             print("memory", flush=True)
-            results["memory"] = [r for name, url in databases for r in bench_memory(name, url, mem_sizes)]
+            results["memory"] = [r for name, url in databases[:2] for r in bench_memory(name, url, mem_sizes)]
         if "lock" in only:
             print("lock", flush=True)
             results["lock"] = [bench_lock(name, url, runs) for name, url in databases]
@@ -970,6 +975,7 @@ def main() -> None:
     finally:
         fast.stop()
         durable.stop()
+        mariadb.stop()
         shutil.rmtree(work, ignore_errors=True)
     (HERE / "results").mkdir(exist_ok=True)
     saved = {"results": results, "runs": runs, "items": items, "quick": args.quick}
@@ -980,6 +986,14 @@ def main() -> None:
         plot_batches(results["batches"], HERE / "batches.png")
     write_report(results, Path(args.output), runs, items, args.quick)
     print(f"wrote {args.output}")
+
+
+def _mysql_database(server, name: str) -> str:
+    admin = create_engine(server.admin_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return server.admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def _database(server, name: str) -> str:
@@ -1026,8 +1040,11 @@ Written by `python bench/run.py`{" --quick (smoke-test sizes: not for quoting)" 
 Python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, PostgreSQL servers started
 by the benchmark on the same machine over loopback TCP: sections 1-6 and 12 on one with fsync
 off (labelled "fsync off"), sections 7, 8 and 11 also or only on a production-like one (fsync,
-synchronous_commit and full_page_writes on, the defaults); SQLite in WAL mode with
-synchronous=FULL on local disk. Every timing is the median of {runs} runs; contenders
+synchronous_commit and full_page_writes on, the defaults); MariaDB {_mariadb_version()} started by the
+benchmark the same way (innodb_flush_log_at_trx_commit=0: not durable, like the fsync-off
+PostgreSQL); SQLite in WAL mode with synchronous=FULL on local disk. Every timing is the median of {
+        runs
+    } runs; contenders
 in a comparison ran side by side in the same loop, alternating. Raw numbers:
 `bench/results/latest.json` (not committed).
 
@@ -1180,6 +1197,15 @@ docstring with `ast` instead of importing the module.
   lock, the schema check and the history row are fixed costs that 20,000 items dilute.
 """
     path.write_text(text_)
+
+
+def _mariadb_version() -> str:
+    try:
+        out = subprocess.run(["mariadbd", "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    words = out.split()
+    return words[2].split("-")[0] if len(words) > 2 else ""
 
 
 def extra_sections(r: dict) -> str:
