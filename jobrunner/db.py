@@ -284,19 +284,7 @@ def check_connection_slots(conn: Any, needed: int, workers: int, origin: str) ->
         limits.append((role_limit, used_role, f"the role's connection limit is {role_limit}"))
     if db_limit is not None and db_limit >= 0:
         limits.append((db_limit, used_db, f"the database's connection limit is {db_limit}"))
-    # This check's own connection is one of the run's, so it is not counted twice.
-    for limit, in_use, what in limits:
-        if needed > limit:
-            raise ConfigError(
-                f"{origin} {workers} needs {needed} database connections (workers + {needed - workers} "
-                f"for the items reader, bookkeeping and the lock), but {what}: use fewer workers"
-            )
-        free = limit - in_use + 1
-        if needed > free:
-            raise DatabaseUnavailable(
-                f"{origin} {workers} needs {needed} database connections, but only {free} are free now "
-                f"({what}, {in_use - 1} in use by other clients): try later or with fewer workers"
-            )
+    _refuse_if_short(limits, needed, workers, origin)
 
 
 def check_mysql_connections(conn: Any, needed: int, workers: int, origin: str) -> None:
@@ -307,13 +295,19 @@ def check_mysql_connections(conn: Any, needed: int, workers: int, origin: str) -
     limits = [(int(limit), used, f"the server allows {limit} connections (max_connections)")]
     if user_limit:
         limits.append((int(user_limit), used, f"max_user_connections is {user_limit}"))
-    for cap, in_use, what in limits:
-        if needed > cap:
+    _refuse_if_short(limits, needed, workers, origin)
+
+
+def _refuse_if_short(limits: list[tuple[int, int, str]], needed: int, workers: int, origin: str) -> None:
+    """Each limit is (connections allowed, in use now, how to say it)."""
+    # This check's own connection is one of the run's, so it is not counted twice.
+    for limit, in_use, what in limits:
+        if needed > limit:
             raise ConfigError(
                 f"{origin} {workers} needs {needed} database connections (workers + {needed - workers} "
                 f"for the items reader, bookkeeping and the lock), but {what}: use fewer workers"
             )
-        free = cap - in_use + 1
+        free = limit - in_use + 1
         if needed > free:
             raise DatabaseUnavailable(
                 f"{origin} {workers} needs {needed} database connections, but only {free} are free now "
@@ -407,15 +401,6 @@ def _postgres_engine(
     isolation: str = BOOKKEEPING,
     pool: Any = None,
 ) -> Engine:
-    kwargs: dict[str, Any] = (
-        {"poolclass": pool}
-        if pool is not None
-        else {
-            "pool_size": pool_size,
-            "max_overflow": max_overflow,
-            "pool_timeout": 30,
-        }
-    )
     return create_engine(
         url,
         isolation_level=isolation,
@@ -425,8 +410,15 @@ def _postgres_engine(
             "options": server_options,
             "connect_timeout": 10,
         },
-        **kwargs,
+        **_pool_args(pool, pool_size, max_overflow),
     )
+
+
+def _pool_args(pool: Any, pool_size: int, max_overflow: int) -> dict[str, Any]:
+    """A given pool class (NullPool, for probes), or a sized queue pool."""
+    if pool is not None:
+        return {"poolclass": pool}
+    return {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
 
 
 def _mysql_engine(
@@ -443,16 +435,11 @@ def _mysql_engine(
     performance_schema.session_connect_attrs) and opt out of the server's idle
     timeouts: a worker's pooled connection may idle for hours, and the lock's
     transaction idles for the whole run."""
-    kwargs: dict[str, Any] = (
-        {"poolclass": pool}
-        if pool is not None
-        else {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": 30}
-    )
     engine = create_engine(
         url,
         isolation_level=isolation,
         connect_args={"program_name": name[:APP_NAME_MAX], "connect_timeout": 10},
-        **kwargs,
+        **_pool_args(pool, pool_size, max_overflow),
     )
 
     @event.listens_for(engine, "connect")
