@@ -37,7 +37,7 @@ from jobrunner import history, jobs, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.db import Database
-from jobrunner.exceptions import ConfigError, LockHeld, describe_holder
+from jobrunner.exceptions import ConfigError, HelpersRemain, describe_holder
 from jobrunner.executor import Workers
 from jobrunner.locking import HelperFence, RunFence, helpers_still_working
 from jobrunner.outage import Outage
@@ -144,7 +144,7 @@ class Leader:
         run that can still commit mean this run must not start (exit 75)."""
         if helpers_still_working(database, job):
             who = _describe_helpers(database, job)
-            raise LockHeld(job, message=f"helpers of an earlier run of {job} can still commit{who}")
+            raise HelpersRemain(job, message=f"helpers of an earlier run of {job} can still commit{who}")
 
     def open(self, backend: str | None, resumed_from: int | None) -> None:
         """Make the run joinable, and take over what a resumed run left."""
@@ -343,7 +343,7 @@ def joinable_run(database: Database, job: str) -> tuple[int | None, bool]:
                 .order_by(runs.c.id.desc())
                 .limit(1)
             ).first()
-        if row is not None and (row.accepts_helpers or time.monotonic() >= deadline):
+        if row is not None:
             return row.id, bool(row.accepts_helpers)
         if time.monotonic() >= deadline:
             return None, False

@@ -53,6 +53,10 @@ class LockHeld(JobrunnerError):
         super().__init__(message or f"{job} is already running{describe_holder(self.holder)}")
 
 
+class HelpersRemain(LockHeld):
+    """Helpers of an earlier distributed run of the job can still commit."""
+
+
 class LockLost(JobrunnerError):
     """The run lost its lock."""
 

@@ -143,7 +143,14 @@ class RunRecorder:
         ]
 
     def start(
-        self, *, dry_run: bool, workers: int, batch_size: int, lock: str, resumed_from: int | None
+        self,
+        *,
+        dry_run: bool,
+        workers: int,
+        batch_size: int,
+        lock: str,
+        resumed_from: int | None,
+        accepts_helpers: bool = False,
     ) -> int | None:
         now = utcnow()
         values = {
@@ -158,6 +165,9 @@ class RunRecorder:
             "batch_size": batch_size,
             "lock": lock,
             "resumed_from": resumed_from,
+            # Known from the first moment: a --join start that lost the race for
+            # the lock decides at once whether it may help.
+            "accepts_helpers": accepts_helpers,
             **dict.fromkeys(COUNTS, 0),
         }
         self.run_id = self._write(
@@ -278,6 +288,7 @@ def open_run(recorder: RunRecorder, config: Any, *, lock: str, resumable: bool) 
         batch_size=config.batch_size,
         lock=lock,
         resumed_from=resumed_from,
+        accepts_helpers=config.distributed and not config.dry_run,
     )
     if resumable and run_id is None and not config.dry_run:
         recorder.notice("item keys cannot be recorded without a history row: --resume will not skip")

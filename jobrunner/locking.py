@@ -468,10 +468,17 @@ class HelperFence(_Heartbeat):
         try:
             session.execute(select(func.pg_advisory_xact_lock_shared(helpers_key(self.job))))
             pid, _ = backend_identity(session)
-            reason = self._run_state(session)
-            if reason is not None:
-                raise RunOver(f"run {self.run_id} of {self.job} {reason}")
-            return session, pid
+            # A leader that has just started names its lock connection a moment
+            # after its run's row appears: wait for it, as after a retake.
+            deadline = time.monotonic() + (self.not_yet_within if initial else 0)
+            while True:
+                try:
+                    self._run_state(session)
+                    return session, pid
+                except NotYet:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(POLL_INTERVAL_S)
         except BaseException:
             _close_quietly(session)
             raise
@@ -615,6 +622,8 @@ def probe(database: dbmod.Database, job: str, mode: str = "row") -> dict[str, An
 def _as_jobrunner_error(error: BaseException, url: str) -> BaseException:
     if isinstance(error, JobrunnerError):
         return error
+    if isinstance(error, NotYet):
+        return RunOver(str(error))
     if isinstance(error, exc.DBAPIError):
         return DatabaseUnavailable(f"cannot take the job's lock: {dbmod.describe_error(error, url)}")
     return error

@@ -25,7 +25,7 @@ from jobrunner import db as dbmod
 from jobrunner import distributed, dryrun, history, jobs, paging, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
-from jobrunner.exceptions import ConfigError, JobError, LockHeld
+from jobrunner.exceptions import ConfigError, HelpersRemain, JobError, LockHeld
 from jobrunner.executor import Workers
 from jobrunner.feed import ItemFilter, MemoryFeed, produce
 from jobrunner.locking import Guard, RunFence
@@ -151,30 +151,7 @@ class _Run:
         started_at, t0 = datetime.now(UTC), time.monotonic()
         try:
             with self._guard():
-                if self.guard is not None and self.database.family == "postgresql":
-                    # Any run that takes the lock, distributed or not: a helper
-                    # of an earlier run that can still commit must be gone first.
-                    self.helpers_remain = True
-                    distributed.Leader.refuse_if_helpers_remain(self.database, self.job.name)
-                    self.helpers_remain = False
-                lock = self.guard.mode if self.guard is not None else "none"
-                self.opening = history.open_run(
-                    self.recorder, self.config, lock=lock, resumable=self.job.item_key is not None
-                )
-                self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
-                if self.config.distributed and self.opening.run_id is not None:
-                    self.leader = distributed.Leader(
-                        self.database,
-                        self.config,
-                        self.job,
-                        self.opening.run_id,
-                        stop=self.stop,
-                        outage=self.outage,
-                        notice=self.reporter.notice,
-                    )
-                    self.leader.open(self.guard.backend if self.guard else None, self.opening.resumed_from)
-                    # Now, not after setup(): a spawned interpreter takes a second to start.
-                    self.leader.start_local_helpers()
+                self._open()
                 with catch_signals(self.stop, self.reporter.notice, self.config.shutdown_timeout):
                     if self.config.dry_run:
                         self._dry_run()
@@ -185,6 +162,7 @@ class _Run:
                 # this one still 'running' and mark it crashed.
                 self.recorder.finish(result, patient=not self.abandoned)
         except LockHeld as held:
+            self.helpers_remain = isinstance(held, HelpersRemain)
             duration = time.monotonic() - t0
             result = RunResult.locked(
                 self.job.name, held, started_at=started_at, duration=duration, config=self.config
@@ -211,6 +189,30 @@ class _Run:
         )
         self.fence = RunFence(self.guard, self.stop)
         return self.guard
+
+    def _open(self) -> None:
+        """Holding the lock: start the run's history, and lead if distributed."""
+        if self.guard is not None and self.database.family == "postgresql":
+            # Any run that takes the lock, distributed or not: a helper of an
+            # earlier run that can still commit must be gone first.
+            distributed.Leader.refuse_if_helpers_remain(self.database, self.job.name)
+        lock = self.guard.mode if self.guard is not None else "none"
+        resumable = self.job.item_key is not None
+        self.opening = history.open_run(self.recorder, self.config, lock=lock, resumable=resumable)
+        self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
+        if self.config.distributed and self.opening.run_id is not None:
+            self.leader = distributed.Leader(
+                self.database,
+                self.config,
+                self.job,
+                self.opening.run_id,
+                stop=self.stop,
+                outage=self.outage,
+                notice=self.reporter.notice,
+            )
+            self.leader.open(self.guard.backend if self.guard else None, self.opening.resumed_from)
+            # Now, not after setup(): a spawned interpreter takes a second to start.
+            self.leader.start_local_helpers()
 
     def _new_leader_backend(self, backend: str | None) -> None:
         """The lock was taken again on a new connection: helpers follow it."""
