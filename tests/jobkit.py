@@ -37,7 +37,14 @@ def setup(ctx, session):
         "pid INTEGER NOT NULL, t0 DOUBLE PRECISION NOT NULL, t1 DOUBLE PRECISION NOT NULL)"))
 
 def items(ctx, session):
-    return range(int(ctx.params.get("n", 20)))
+    n, gate = int(ctx.params.get("n", 20)), ctx.params.get("gate")
+    return _gated(n, gate) if gate else range(n)
+
+def _gated(n, gate):
+    yield from range(n)
+    deadline = time.time() + 60  # the run keeps its lock until the test creates the gate
+    while not os.path.exists(gate) and time.time() < deadline:
+        time.sleep(0.05)
 
 def process(ctx, session, item):
     t0 = time.time()
