@@ -894,12 +894,11 @@ def main() -> None:
     items = 2000 if args.quick else 20000
     mem_sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
 
-    from pgserver import PostgresServer, find_bindir
-
     # Two servers side by side: fsync off (the first benchmarks' profile, kept for
     # comparison) and production-like (fsync and synchronous_commit on, the
     # defaults a real server runs with). Both on this machine, over loopback.
     from mysqlserver import MariaDBServer, find_server
+    from pgserver import PostgresServer, find_bindir
 
     fast, durable = PostgresServer(find_bindir()), PostgresServer(find_bindir(), durable=True)
     fast.start()
@@ -915,6 +914,13 @@ def main() -> None:
     saved = json.loads(latest.read_text()) if latest.exists() and args.only else {"results": {}}
     results: dict = saved["results"]
     counter = iter(range(10_000))
+    (HERE / "results").mkdir(exist_ok=True)
+
+    def save() -> None:
+        """After every section: a run cut short keeps what it measured."""
+        saved = {"results": results, "runs": runs, "items": items, "quick": args.quick}
+        latest.write_text(json.dumps(saved, indent=2))
+
     try:
         if "overhead" in only:
             print("overhead", flush=True)
@@ -924,6 +930,7 @@ def main() -> None:
                 for r in bench_overhead(name, url, runs, items, [1, 4, 16], raw=name == "postgresql")
             ]
             results["profile"] = profile_one_worker(pg_url, min(items, 5000))
+            save()
         if "scaling" in only:
             print("scaling", flush=True)
             results["scaling"] = [
@@ -931,25 +938,31 @@ def main() -> None:
                 for name, url in databases
                 for r in bench_scaling(name, url, runs, 30 if args.quick else 150, [1, 2, 4, 8, 16, 32])
             ]
+            save()
         if "memory" in only:
             print("memory", flush=True)
             results["memory"] = [r for name, url in databases[:2] for r in bench_memory(name, url, mem_sizes)]
+            save()
         if "lock" in only:
             print("lock", flush=True)
             results["lock"] = [bench_lock(name, url, runs) for name, url in databases]
             results["vacuum"] = bench_vacuum(pg_url)
+            save()
         if "startup" in only:
             print("startup", flush=True)
             results["startup"] = bench_startup(max(runs, 10), sqlite_url)
+            save()
         batch_runs, batch_items = (1, 2000) if args.quick else (3, 10000)
         if "batches" in only:
             print("batches", flush=True)
             results["batches"] = bench_batches(
                 "production-like", prod_url, batch_runs, batch_items, [1, 4, 16]
             ) + bench_batches("fsync off", pg_url, batch_runs, batch_items, [1, 4, 16])
+            save()
         if "isolation" in only:
             print("isolation", flush=True)
             results["isolation"] = bench_isolation(prod_url, runs, batch_items)
+            save()
         if "dry_run" in only:
             print("dry run", flush=True)
             results["dry_run"] = [
@@ -958,28 +971,31 @@ def main() -> None:
                     "postgresql", lambda tag: _database(fast, f"dry_{tag}_{next(counter)}"), batch_runs
                 ),
             ]
+            save()
         if "sqlite_slow" in only:
             print("sqlite slow items", flush=True)
             results["sqlite_slow"] = bench_sqlite_slow(
                 f"sqlite:///{work / 'slow.db'}", 20 if args.quick else 50
             )
+            save()
         if "restart" in only:
             print("restart", flush=True)
             results["restart"] = bench_restart(durable, prod_url)
+            save()
         if "processes" in only:
             print("processes", flush=True)
             results["processes"] = bench_processes(pg_url, batch_runs, args.quick)
+            save()
         if "vacuum_items" in only:
             print("vacuum and items()", flush=True)
             results["vacuum_items"] = bench_vacuum_items(pg_url)
+            save()
     finally:
         fast.stop()
         durable.stop()
         mariadb.stop()
         shutil.rmtree(work, ignore_errors=True)
-    (HERE / "results").mkdir(exist_ok=True)
-    saved = {"results": results, "runs": runs, "items": items, "quick": args.quick}
-    latest.write_text(json.dumps(saved, indent=2))
+    save()
     if "scaling" in results:
         plot(results["scaling"], HERE / "throughput.png")
     if "batches" in results:
