@@ -21,6 +21,7 @@ from typing import Any, Protocol
 Entry = tuple[Any, Any]
 _END = object()
 PUT_POLL_S = 0.05
+MIN_CAPACITY = 32
 
 
 class Feed(Protocol):
@@ -40,13 +41,17 @@ class MemoryFeed:
     script's wall time at 4 workers, 1.03x with this queue). Refilling in
     bursts once the queue is down to a quarter costs one wake-up per about
     ``3/4 * capacity`` items. With ``capacity = workers * batch_size`` queued,
-    at most ``2 * workers * batch_size`` items are in flight (queued or running).
+    at most ``2 * workers * batch_size`` items are in flight (queued or running),
+    and never fewer than ``2 * MIN_CAPACITY``: with a queue of four at batch 1
+    and 4 workers, the refills alone cost 5-13% of items/s against a floor of
+    32 (PostgreSQL fsync on and SQLite, measured side by side; neutral at 1 worker).
 
     Once ``stop`` is set, ``take`` hands out nothing more: queued items are
     dropped, never started.
     """
 
     def __init__(self, capacity: int, stop: threading.Event) -> None:
+        capacity = max(capacity, MIN_CAPACITY)
         self.capacity = capacity
         self.low_water = capacity // 4
         self.stop = stop
