@@ -630,6 +630,7 @@ def bench_restart(server, url: str, items: int = 20000) -> list[dict]:
                 "restart_s": restart_s,
                 "waited_s": max(waited) if waited else 0.0,
                 "retaken": "lock taken again" in err,
+                "errors": "; ".join(sorted({f["error"][:120] for f in summary.get("failures", [])})),
             }
         )
         print(f"  restart: {rows[-1]}", flush=True)
@@ -1288,6 +1289,7 @@ def extra_sections(r: dict) -> str:
                     ("restart_s", "restart took s", ".2f"),
                     ("waited_s", "run waited s", ".2f"),
                     ("retaken", "lock retaken", ""),
+                    ("errors", "why items failed", ""),
                 ],
             )
         )
