@@ -44,7 +44,7 @@ from jobrunner.outage import Outage
 from jobrunner.progress import Progress
 from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure, RunResult, Status, error_line, safe_repr
 from jobrunner.stop import Stop, catch_signals
-from jobrunner.transaction import Unit
+from jobrunner.transaction import TxidCheck, Unit
 from jobrunner.worktable import Feeder, WorkTableFeed, first_free_seq, retry_gone
 
 log = logging.getLogger("jobrunner")
@@ -400,6 +400,7 @@ def help_run(config: Config, job: jobs.Job, database: Database, reporter: Any, r
             retries=config.retries,
             keys=history.KeyRecorder(run_id, job.item_key) if job.item_key else None,
             on_failure=failed,
+            commit_check=TxidCheck(),
         )
         workers = Workers(
             workers=config.workers,

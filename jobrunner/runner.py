@@ -33,7 +33,7 @@ from jobrunner.outage import Kind, Outage, classify
 from jobrunner.progress import Progress
 from jobrunner.result import RunResult, Status, error_line, safe_repr
 from jobrunner.stop import Stop, catch_signals
-from jobrunner.transaction import SqliteLockWatch, Unit
+from jobrunner.transaction import SqliteLockWatch, TxidCheck, Unit
 
 log = logging.getLogger("jobrunner")
 TICK_S = 0.2
@@ -334,7 +334,12 @@ class _Run:
             changes=self.changes,
             watch_sqlite_lock=SqliteLockWatch(self.reporter.notice) if watch else None,
             before_commit=None if self.config.dry_run else self.checkpoints.in_transaction,
+            commit_check=self._commit_check(),
         )
+
+    def _commit_check(self) -> TxidCheck | None:
+        """PostgreSQL settles a commit cut by an outage; a dry run never commits."""
+        return TxidCheck() if self.database.family == "postgresql" and not self.config.dry_run else None
 
     def _filter(self) -> ItemFilter:
         skip = self.opening.skip_keys | (self.leader.adopted_keys if self.leader else frozenset())

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from jobrunner.db import BEGAN_INFO
@@ -63,6 +64,38 @@ class Keys(Protocol):
     def committed(self, session: Session, item: Any) -> bool: ...
 
 
+class TxidCheck:
+    """PostgreSQL can say afterwards whether a transaction committed: its id,
+    read just before COMMIT (one more round trip per chunk), and
+    ``txid_status`` once the database is back. So a commit cut by a restart
+    is settled for any job, not only for jobs with ``item_key``."""
+
+    IN_PROGRESS_WAIT_S = 0.2
+    IN_PROGRESS_TRIES = 25  # the old backend may still be finishing its COMMIT
+
+    def mark(self, session: Session) -> Any:
+        # Through the driver's cursor: through the Session, this statement before
+        # every commit cost 30% of items/s at batch 1 (4 workers, measured).
+        cursor = session.connection().connection.dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT txid_current_if_assigned()")
+            return cursor.fetchone()[0]
+        finally:
+            cursor.close()
+
+    def committed(self, session: Session, mark: Any) -> bool | None:
+        """True or False; None if the server cannot say (the id is too old)."""
+        if mark is None:
+            return True  # it wrote nothing: there is nothing to redo
+        for _ in range(self.IN_PROGRESS_TRIES):
+            status = session.scalar(text("SELECT txid_status(:xid)"), {"xid": mark})
+            session.rollback()
+            if status != "in progress":
+                return {"committed": True, "aborted": False}.get(status)
+            time.sleep(self.IN_PROGRESS_WAIT_S)
+        return None
+
+
 class CommitInDoubt(Exception):
     """The connection was lost during COMMIT: the outcome is unknown. Not
     retried, since it may have committed (a job with item_key lets
@@ -88,6 +121,7 @@ class Unit:
         changes: Any = None,
         watch_sqlite_lock: Callable[[float], bool] | None = None,
         before_commit: Callable[[Session], None] | None = None,
+        commit_check: TxidCheck | None = None,
     ) -> None:
         self.job = job
         self.ctx = ctx
@@ -103,6 +137,8 @@ class Unit:
         self.watch_sqlite_lock = watch_sqlite_lock
         self.before_commit = before_commit  # bookkeeping that rides along (SQLite checkpoints)
         self.batched = job.process_batch is not None
+        # Resume keys settle a commit in doubt already; else the database may.
+        self.commit_check = commit_check if keys is None else None
 
     def __call__(self, session: Session, chunk: list[Entry]) -> None:
         self.progress.started_items()
@@ -145,6 +181,7 @@ class Unit:
         while True:
             epoch = self.fence.epoch()
             committing = False
+            mark = None
             try:
                 if not claimed:
                     work = self._reclaim(session, work)
@@ -163,6 +200,8 @@ class Unit:
                         continue
                     self.progress.roll_back(len(work))
                     return None
+                if self.commit_check is not None:
+                    mark = self.commit_check.mark(session)
                 committing = True
                 self._commit(session, len(work))
                 return None
@@ -172,7 +211,7 @@ class Unit:
                 kind = classify(error)
                 if kind is Kind.GONE:
                     if committing:
-                        return self._in_doubt(session, work, error)
+                        return self._in_doubt(session, work, error, mark)
                     if redos < MAX_REDOS_AFTER_OUTAGE and self.outage.wait(error):
                         redos += 1
                         self.progress.retry(len(work))
@@ -223,22 +262,31 @@ class Unit:
         if self.changes is not None:
             self.changes.discard()
 
-    def _in_doubt(self, session: Session, work: list, error: BaseException) -> BaseException | None:
-        """The connection died during COMMIT. With resume keys, look; else fail."""
-        if self.keys is None:
-            return CommitInDoubt(
-                f"the connection was lost while committing ({_line(error)}): the outcome is "
-                "unknown, so the item was not retried (define item_key to let jobrunner check)"
-            )
+    def _in_doubt(
+        self, session: Session, work: list, error: BaseException, mark: Any
+    ) -> BaseException | None:
+        """The connection died during COMMIT. Look (resume keys, or PostgreSQL's
+        transaction status) once the database is back; if nobody can say, fail."""
+        unknown = CommitInDoubt(
+            f"the connection was lost while committing ({_line(error)}): the outcome is "
+            "unknown, so the item was not retried (define item_key to let jobrunner check)"
+        )
+        if self.keys is None and self.commit_check is None:
+            return unknown
         if not self.outage.wait(error):
             self.progress.roll_back(len(work))
             return None
         try:
-            done = self.keys.committed(session, work[0][0])
+            if self.keys is not None:
+                done: bool | None = self.keys.committed(session, work[0][0])
+            else:
+                done = self.commit_check.committed(session, mark)
             session.rollback()
         except Exception as again:  # noqa: BLE001
             _rollback(session)
             return again
+        if done is None:
+            return unknown
         if done:
             self.progress.committed(len(work))
             return None

@@ -47,6 +47,37 @@ def test_a_fast_restart_mid_run_fails_no_item(spawn, write_job, own_pg, own_pg_u
     assert (row["status"], row["succeeded"], row["failed"]) == ("succeeded", 400, 0)
 
 
+NO_KEY = """
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+
+def items(ctx, session):
+    return range(int(ctx.params["n"]))
+
+def process(ctx, session, item):
+    session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+"""
+
+
+def test_commits_cut_by_restarts_are_settled_without_item_key(spawn, write_job, own_pg, own_pg_url):
+    """Four workers committing back to back: a restart cuts some COMMITs, whose
+    outcome only the server knows. Without item_key, PostgreSQL's transaction
+    status settles them: nothing fails, nothing is done twice."""
+    write_job("nokey", NO_KEY)
+    run = spawn("run", "nokey", "--database-url", own_pg_url, "-w", "4", "--param", "n=12000", "--json")
+    wait_for_rows(own_pg_url, "effects", minimum=500)
+    for _ in range(2):
+        own_pg.pg_ctl("-m", "fast", "-w", "restart")
+        time.sleep(1)
+    code, out, err = finish(run)
+    assert code == 0, err
+    assert json.loads(out)["failed"] == 0
+    assert err.count("the database is back") >= 2, err
+    effects_exactly_once(own_pg_url, 12000)
+
+
 def test_an_immediate_stop_with_the_server_back_after_seconds(spawn, write_job, own_pg, own_pg_url):
     write_job("paged", PAGED)
     run = spawn("run", "paged", "--database-url", own_pg_url, "--param", "n=300", "--json")
