@@ -65,7 +65,7 @@ def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_jo
         "--param",
         "n=600",
         "--param",
-        "sleep=0.01",
+        "sleep=0.05",  # about 7 s alone: a busy machine may take seconds to start the helper
         "--json",
     )
     leader = spawn(*args)
