@@ -158,6 +158,7 @@ class WorkTableFeed:
         self.outage = outage
         self.leader = leader
         self._lanes = threading.local()
+        self._all_fed = False  # once True, for good: no need to ask again
 
     def take(self, session: Session, limit: int) -> list[Entry] | None:
         while not self.stop.is_set():
@@ -204,8 +205,11 @@ class WorkTableFeed:
         return session.execute(CLAIM_ANY, {"run_id": self.run_id, "limit": limit}).all()
 
     def _fed_all(self) -> bool:
-        with self.database.bookkeeping() as session:
-            return bool(session.scalar(select(tables.runs.c.fed_all).where(tables.runs.c.id == self.run_id)))
+        if not self._all_fed:
+            with self.database.bookkeeping() as session:
+                query = select(tables.runs.c.fed_all).where(tables.runs.c.id == self.run_id)
+                self._all_fed = bool(session.scalar(query))
+        return self._all_fed
 
     def reclaim(self, session: Session, chunk: list[Entry]) -> list[Entry]:
         seqs = [seq for _, seq in chunk]
