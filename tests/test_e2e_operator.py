@@ -130,11 +130,12 @@ def test_history_of_a_killed_run_shows_what_it_committed(cli, spawn, write_job, 
     assert str(victim.pid) in human[2] and re.search(r"crashed .* >\d+\.\ds", human[2])
 
 
-def test_status_shows_runs_under_no_lock(cli, spawn, write_job, db_url):
+def test_status_shows_runs_under_no_lock(cli, spawn, write_job, db_url, tmp_path):
     write_job("two_rows", TWO_ROWS)
-    run = spawn(
-        "run", "two_rows", "--database-url", db_url, "--no-lock", "--param", "n=80", "--param", "sleep=0.1"
-    )
+    # The run stays until it is killed below (it waits for a gate never opened),
+    # however long the two status commands take to start on a busy machine.
+    gate = f"gate={tmp_path / 'never'}"
+    run = spawn("run", "two_rows", "--database-url", db_url, "--no-lock", "--param", "n=4", "--param", gate)
     wait_for_rows(db_url, "pairs")
     out = cli("status", "--database-url", db_url)
     assert f"two_rows  running without a lock: run 1 (pid {run.pid} on " in out.stdout
