@@ -37,7 +37,7 @@ from jobrunner import history, jobs, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.db import Database
-from jobrunner.exceptions import ConfigError, HelpersRemain, describe_holder
+from jobrunner.exceptions import EX_SOFTWARE, ConfigError, HelpersRemain, JobrunnerError, describe_holder
 from jobrunner.executor import Workers
 from jobrunner.locking import HelperFence, RunFence, helpers_still_working
 from jobrunner.outage import Outage
@@ -439,16 +439,41 @@ def help_run(config: Config, job: jobs.Job, database: Database, reporter: Any, r
     )
 
 
-def local_helper(config: Config, run_id: int) -> None:
-    """The body of a helper process started by ``--processes`` (spawned)."""
-    from jobrunner import report
+# What a local helper says on the terminal. The leader reports the run for
+# every process (totals, failed items, the abort or the signal), so a helper
+# speaks only of what ended it alone: the run lost under it, the database
+# gone, a crash.
+_HELPER_SPEAKS = frozenset({Status.LOCK_LOST, Status.UNAVAILABLE, Status.CRASHED})
 
+
+def local_helper(config: Config, run_id: int) -> None:
+    """The body of a helper process started by ``--processes`` (spawned: a
+    fresh interpreter, so it sets up the redaction and the one-line errors
+    that ``cli.main`` gives the leader)."""
+    from jobrunner import redaction, report
+
+    sys.stdout = redaction.RedactingStream(sys.stdout)  # type: ignore[assignment]
+    sys.stderr = redaction.RedactingStream(sys.stderr)  # type: ignore[assignment]
     config = dataclasses.replace(config, quiet=True, json=False, processes=1, join=False)
     report.setup_logging(config)
     reporter = report.make_reporter(config)
-    job = jobs.load(config.jobs_path, config.job or "")
-    job_config = config.with_job_defaults(job.defaults, str(job.path))
-    with tables.ready_database(job_config, job.name, workers=job_config.workers) as database:
-        result = help_run(job_config, job, database, reporter, run_id)
-    reporter.finished(result)
+    try:
+        job = jobs.load(config.jobs_path, config.job or "")
+        job_config = config.with_job_defaults(job.defaults, str(job.path))
+        with tables.ready_database(job_config, job.name, workers=job_config.workers) as database:
+            result = help_run(job_config, job, database, reporter, run_id)
+    except Exception as error:  # noqa: BLE001 - one line, as the leader would print it
+        if isinstance(error, JobrunnerError):
+            code, what = error.exit_code, str(error)
+        else:
+            code, what = EX_SOFTWARE, f"internal error: {error_line(error)}"
+        line = f"helper pid {os.getpid()} of run {run_id}: {what}"
+        if config.debug:
+            import traceback
+
+            traceback.print_exc()
+        report.print_error(line)
+        report.log_error(line)
+        sys.exit(code)
+    reporter.finished(result, terminal=result.status in _HELPER_SPEAKS)
     sys.exit(result.exit_code)

@@ -189,9 +189,13 @@ class Reporter:
         if not self.config.quiet:
             self._line(self.stderr, text)
 
-    def finished(self, result: RunResult) -> None:
+    def finished(self, result: RunResult, *, terminal: bool = True) -> None:
+        """The run's end: into the log file, and (unless ``terminal`` is
+        false) onto the terminal and ``--json``."""
         self._stop_progress()
         self._log_end(result)
+        if not terminal:
+            return
         if self.config.json:
             sys.stdout.write(redaction.redact(json.dumps(result.as_dict())) + "\n")
             sys.stdout.flush()

@@ -261,8 +261,35 @@ def test_an_item_that_cannot_travel_is_refused_before_any_work(cli, write_job, p
     write_job("untravelled", UNTRAVELLED)
     out = cli("run", "untravelled", "--database-url", pg_url, "--processes", "2")
     assert out.returncode == 2, out.stderr
+    # One line, however far the local helper got before the leader stopped the
+    # run: the leader speaks for every process.
     [line] = out.stderr.strip().splitlines()
     assert "items() yielded a jobrunner_jobs.untravelled.Thing, which cannot travel" in line
+
+
+LEADER_ONLY = """
+import multiprocessing
+
+if multiprocessing.parent_process() is not None:
+    raise RuntimeError("this module refuses helpers")
+
+def items(ctx, session):
+    return range(40)
+
+def process(ctx, session, item):
+    pass
+"""
+
+
+def test_a_local_helper_that_cannot_start_says_so_in_one_line(cli, write_job, pg_url):
+    write_job("leader_only", LEADER_ONLY)
+    out = cli("run", "leader_only", "--database-url", pg_url, "--processes", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["succeeded"] == 40
+    assert "Traceback" not in out.stderr
+    [line] = [line for line in out.stderr.splitlines() if "helper pid" in line]
+    assert line.startswith("jobrunner: error: helper pid ")
+    assert "this module refuses helpers" in line
 
 
 TYPES = """
