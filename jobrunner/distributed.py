@@ -212,6 +212,7 @@ class Leader:
             self.database,
             self.run_id,
             bound=bound,
+            batch_size=self.config.batch_size,
             item_key=self.job.item_key,
             stop=self.stop.event,
             outage=self.outage,

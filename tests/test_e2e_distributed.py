@@ -52,6 +52,30 @@ def test_processes_share_one_run_and_each_item_is_done_once(cli, write_job, pg_u
     assert {p["role"] for p in run["processes"]} == {"leader", "helper"}
 
 
+def test_each_claim_is_a_whole_batch_of_consecutive_items(cli, write_job, pg_url):
+    write_job("batch", BATCH)
+    out = cli(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--processes",
+        "2",
+        "-b",
+        "100",
+        "--param",
+        "n=2500",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["commits"] == 25
+    chunks: dict[str, list[int]] = {}
+    for item, tx in query(pg_url, "SELECT item, tx FROM batch_rows ORDER BY item"):
+        chunks.setdefault(tx, []).append(item)
+    assert sorted(chunk[0] for chunk in chunks.values()) == list(range(0, 2500, 100))
+    assert all(chunk == list(range(chunk[0], chunk[0] + 100)) for chunk in chunks.values())
+
+
 def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_job, pg_url):
     write_job("batch", BATCH)
     args = (
