@@ -201,7 +201,9 @@ class WorkTableFeed:
             params = {"run_id": self.run_id, "limit": limit, "lane": lane, "after": after[lane]}
             rows = session.execute(CLAIM_LANE, params).all()
             if rows:
-                after[lane] = max(seq for seq, _ in rows)
+                # This lane's next batch is a round of lanes away: start the
+                # next claim on the next lane, not on this one, now drained.
+                after[lane], state["lane"] = max(seq for seq, _ in rows), (lane + 1) % LANES
                 return rows
             session.rollback()  # the next lane with a fresh snapshot: rows fed meanwhile count
             state["lane"] = (lane + 1) % LANES
