@@ -37,7 +37,14 @@ from jobrunner import history, jobs, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.db import Database
-from jobrunner.exceptions import EX_SOFTWARE, ConfigError, HelpersRemain, JobrunnerError, describe_holder
+from jobrunner.exceptions import (
+    EX_SIGINT,
+    EX_SOFTWARE,
+    ConfigError,
+    HelpersRemain,
+    JobrunnerError,
+    describe_holder,
+)
 from jobrunner.executor import Workers
 from jobrunner.locking import HelperFence, RunFence, helpers_still_working
 from jobrunner.outage import Outage
@@ -476,5 +483,7 @@ def local_helper(config: Config, run_id: int) -> None:
         report.print_error(line)
         report.log_error(line)
         sys.exit(code)
+    except KeyboardInterrupt:  # Ctrl-C reached the process group before its handlers were set
+        sys.exit(EX_SIGINT)
     reporter.finished(result, terminal=result.status in _HELPER_SPEAKS)
     sys.exit(result.exit_code)
