@@ -209,6 +209,13 @@ class WorkTableFeed:
             state["lane"] = (lane + 1) % LANES
         if not retry_gone(self.outage, self._fed_all):
             return []
+        if not state.get("swept_after_fed_all"):
+            # This sweep may have passed a lane before the leader's last COPY
+            # committed. Sweep once more, now that everything fed is visible:
+            # CLAIM_ANY takes the lowest seqs of every lane at once, and would
+            # mix batches in one chunk.
+            state["swept_after_fed_all"] = True
+            return self._claim(session, limit)
         return session.execute(CLAIM_ANY, {"run_id": self.run_id, "limit": limit}).all()
 
     def _fed_all(self) -> bool:

@@ -52,7 +52,7 @@ def test_processes_share_one_run_and_each_item_is_done_once(cli, write_job, pg_u
     assert {p["role"] for p in run["processes"]} == {"leader", "helper"}
 
 
-def test_each_claim_is_a_whole_batch_of_consecutive_items(cli, write_job, pg_url):
+def test_each_claim_takes_consecutive_items_a_batch_at_a_time(cli, write_job, pg_url):
     write_job("batch", BATCH)
     out = cli(
         "run",
@@ -68,12 +68,19 @@ def test_each_claim_is_a_whole_batch_of_consecutive_items(cli, write_job, pg_url
         "--json",
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["commits"] == 25
+    rows = query(pg_url, "SELECT item, tx FROM batch_rows ORDER BY item")
+    assert [item for item, _ in rows] == list(range(2500))
     chunks: dict[str, list[int]] = {}
-    for item, tx in query(pg_url, "SELECT item, tx FROM batch_rows ORDER BY item"):
+    for item, tx in rows:
         chunks.setdefault(tx, []).append(item)
-    assert sorted(chunk[0] for chunk in chunks.values()) == list(range(0, 2500, 100))
-    assert all(chunk == list(range(chunk[0], chunk[0] + 100)) for chunk in chunks.values())
+    # A transaction never mixes batches. Two claims that meet in one lane can
+    # split a batch between them (SKIP LOCKED sees the other's locks row by
+    # row), so a few chunks may be part of a batch; numbered one by one into
+    # 64 lanes, every chunk was a scatter of items from all over the run.
+    assert all(len({item // 100 for item in chunk}) == 1 for chunk in chunks.values())
+    whole = [chunk for chunk in chunks.values() if chunk == list(range(chunk[0], chunk[0] + 100))]
+    assert len(whole) >= 20, f"{len(whole)} whole batches in {len(chunks)} transactions"
+    assert json.loads(out.stdout)["commits"] == len(chunks)
 
 
 def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_job, pg_url):
