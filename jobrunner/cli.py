@@ -14,7 +14,7 @@ import click
 
 from jobrunner import __version__, redaction
 from jobrunner import config as configmod
-from jobrunner.exceptions import EX_SIGINT, EX_SOFTWARE, EX_USAGE, JobrunnerError
+from jobrunner.exceptions import EX_SIGINT, EX_USAGE, exit_for
 
 
 class JobrunnerGroup(click.Group):
@@ -35,22 +35,13 @@ class JobrunnerGroup(click.Group):
             code = error.exit_code
         except click.Abort:
             code = EX_SIGINT
-        except JobrunnerError as error:
-            if meta.get("debug"):
-                traceback.print_exc()
-            _error(str(error), meta, error.exit_code)
-            code = error.exit_code
         except KeyboardInterrupt:
             code = EX_SIGINT
-        except Exception as error:  # noqa: BLE001 - a bug: one line unless --debug
+        except Exception as error:  # noqa: BLE001 - a JobrunnerError or a bug: one line unless --debug
             if meta.get("debug"):
                 traceback.print_exc()
-            _error(
-                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
-                meta,
-                EX_SOFTWARE,
-            )
-            code = EX_SOFTWARE
+            code, message = exit_for(error)
+            _error(message, meta, code)
         sys.exit(code if isinstance(code, int) else 0)
 
 

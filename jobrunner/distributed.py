@@ -37,14 +37,7 @@ from jobrunner import history, jobs, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.db import Database
-from jobrunner.exceptions import (
-    EX_SIGINT,
-    EX_SOFTWARE,
-    ConfigError,
-    HelpersRemain,
-    JobrunnerError,
-    describe_holder,
-)
+from jobrunner.exceptions import EX_SIGINT, ConfigError, HelpersRemain, describe_holder, exit_for
 from jobrunner.executor import Workers
 from jobrunner.locking import HelperFence, RunFence, helpers_still_working
 from jobrunner.outage import Outage
@@ -471,10 +464,7 @@ def local_helper(config: Config, run_id: int) -> None:
         with tables.ready_database(job_config, job.name, workers=job_config.workers) as database:
             result = help_run(job_config, job, database, reporter, run_id)
     except Exception as error:  # noqa: BLE001 - one line, as the leader would print it
-        if isinstance(error, JobrunnerError):
-            code, what = error.exit_code, str(error)
-        else:
-            code, what = EX_SOFTWARE, f"internal error: {error_line(error)}"
+        code, what = exit_for(error)
         line = f"helper pid {os.getpid()} of run {run_id}: {what}"
         if config.debug:
             import traceback

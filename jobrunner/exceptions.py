@@ -63,6 +63,17 @@ class LockLost(JobrunnerError):
     exit_code = EX_UNAVAILABLE
 
 
+def exit_for(error: Exception) -> tuple[int, str]:
+    """The exit code and the one line for an error that ends a command: a
+    domain error says what it is; anything else is a bug in jobrunner."""
+    if isinstance(error, JobrunnerError):
+        return error.exit_code, str(error)
+    return (
+        EX_SOFTWARE,
+        f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+    )
+
+
 def describe_holder(holder: dict) -> str:
     """`` (pid 4121 on host-a since 12:05:01)`` or empty when nothing is known."""
     if not holder.get("pid"):
