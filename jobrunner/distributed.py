@@ -220,8 +220,16 @@ class Leader:
         )
 
     def mark_fed_all(self) -> None:
-        with self.database.bookkeeping() as session, session.begin():
-            session.execute(update(tables.runs).where(tables.runs.c.id == self.run_id).values(fed_all=True))
+        """Called once feeding ends, fed or not: the helpers finish what was
+        fed, then leave. After the last COPY committed (see WorkTableFeed._claim)."""
+
+        def mark() -> None:
+            with self.database.bookkeeping() as session, session.begin():
+                session.execute(
+                    update(tables.runs).where(tables.runs.c.id == self.run_id).values(fed_all=True)
+                )
+
+        retry_gone(self.outage, mark)
 
     def start_local_helpers(self) -> None:
         """``--processes P``: P - 1 more processes on this host. Spawned, not

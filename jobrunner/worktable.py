@@ -325,8 +325,7 @@ class Feeder:
                 if not self._flush(rows):
                     return
                 rows = []
-        if self._flush(rows):
-            retry_gone(self.outage, self._fed_all)
+        self._flush(rows)
 
     def _flush(self, rows: list[dict[str, Any]]) -> bool:
         if not rows:
@@ -359,10 +358,6 @@ class Feeder:
             return session.scalar(
                 select(func.count()).select_from(work).where(work.c.run_id == self.run_id, recent)
             )
-
-    def _fed_all(self) -> None:
-        with self.database.bookkeeping() as session, session.begin():
-            session.execute(update(tables.runs).where(tables.runs.c.id == self.run_id).values(fed_all=True))
 
 
 def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
