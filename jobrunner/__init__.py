@@ -14,7 +14,6 @@ from jobrunner.exceptions import (
     JobError,
     JobrunnerError,
     LockHeld,
-    LockLost,
 )
 from jobrunner.result import ItemFailure, RunResult, Status
 
@@ -39,7 +38,6 @@ __all__ = [
     "JobError",
     "JobrunnerError",
     "LockHeld",
-    "LockLost",
     "RunResult",
     "Status",
     "__version__",

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from jobrunner import db as dbmod
 from jobrunner import tables
+from jobrunner.exceptions import CannotUndo
 from jobrunner.feed import Entry
 
 _DDL = re.compile(r"^\s*(create|alter|drop|truncate|rename)\b", re.I)
@@ -96,10 +97,6 @@ class ChangeCounter:
     def report(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {table: dict(counts) for table, counts in sorted(self._counts.items())}
-
-
-class CannotUndo(Exception):
-    """MySQL and MariaDB commit DDL at once, inside any transaction."""
 
 
 def _refuse_ddl(

@@ -57,10 +57,35 @@ class HelpersRemain(LockHeld):
     """Helpers of an earlier distributed run of the job can still commit."""
 
 
-class LockLost(JobrunnerError):
-    """The run lost its lock."""
+class RunOver(JobrunnerError):
+    """The run is over: a helper has nothing to help."""
 
     exit_code = EX_UNAVAILABLE
+
+
+class ItemNotPortable(ConfigError):
+    """An item cannot travel through the work table to other processes."""
+
+
+class CommitInDoubt(JobrunnerError):
+    """The connection was lost during COMMIT: the outcome is unknown. The
+    item fails rather than be retried, since it may have committed (a job
+    with item_key lets jobrunner check instead)."""
+
+    exit_code = EX_FAILED
+
+
+class CannotUndo(JobrunnerError):
+    """MySQL and MariaDB commit DDL at once, inside any transaction: a dry
+    run cannot undo it, so it refuses the statement (the item or setup fails)."""
+
+    exit_code = EX_FAILED
+
+
+class WorkerCrashed(JobrunnerError):
+    """A worker loop died of an error outside any item (a jobrunner bug)."""
+
+    exit_code = EX_SOFTWARE
 
 
 def exit_for(error: Exception) -> tuple[int, str]:
@@ -72,6 +97,31 @@ def exit_for(error: Exception) -> tuple[int, str]:
         EX_SOFTWARE,
         f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
     )
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a DBAPI error's driver message,
+    without the SQL and parameters SQLAlchemy appends), passwords masked."""
+    from jobrunner import redaction
+
+    orig = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
+    return redaction.redact(lines[0] if lines else type(orig).__name__)
+
+
+def error_line(error: BaseException) -> str:
+    """``ExceptionType: message`` on one line, without SQL, parameters or passwords."""
+    from jobrunner import redaction
+
+    orig = getattr(error, "orig", None)
+    if orig is not None and hasattr(error, "connection_invalidated"):  # a DBAPIError
+        lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
+        text = lines[0] if lines else ""
+        name = type(orig).__name__
+    else:
+        text = " ".join(str(error).split())
+        name = type(error).__name__
+    return redaction.redact(f"{name}: {text}" if text else name)
 
 
 def describe_holder(holder: dict) -> str:

@@ -18,11 +18,9 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, TypeVar
 
+from jobrunner.exceptions import WorkerCrashed
+
 S = TypeVar("S")
-
-
-class WorkerCrashed(RuntimeError):
-    """A worker loop died of an error outside any item (a jobrunner bug)."""
 
 
 class Workers(Generic[S]):
@@ -80,7 +78,10 @@ class Workers(Generic[S]):
         for future in done:
             error = future.exception()
             if error is not None:
-                raise WorkerCrashed(f"a worker thread failed: {error!r}") from error
+                raise WorkerCrashed(
+                    f"internal error: a worker thread failed: {error!r} "
+                    "(rerun with --debug for the traceback)"
+                ) from error
         return not pending
 
     def _loop(self) -> None:

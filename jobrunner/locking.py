@@ -50,11 +50,11 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from jobrunner import db as dbmod
 from jobrunner import tables
-from jobrunner.exceptions import EX_UNAVAILABLE, DatabaseUnavailable, JobrunnerError, LockHeld
+from jobrunner.attempt import Verdict
+from jobrunner.exceptions import DatabaseUnavailable, JobrunnerError, LockHeld, RunOver
 from jobrunner.outage import Kind, classify, is_sqlite_busy, mysql_code
 from jobrunner.result import Status
 from jobrunner.stop import Stop
-from jobrunner.transaction import Verdict
 
 POLL_INTERVAL_S = 0.1
 LEADER_GRACE_BEATS = 5
@@ -282,12 +282,6 @@ class _Heartbeat:
 
 class NotYet(Exception):
     """The right cannot be had yet, but may be soon (a leader taking its lock again)."""
-
-
-class RunOver(JobrunnerError):
-    """The run is over: a helper has nothing to help."""
-
-    exit_code = EX_UNAVAILABLE
 
 
 class Guard(_Heartbeat):

@@ -5,7 +5,7 @@ One classifier serves the workers, the guard, ``items()``, setup and the
 history writes, so every part of a run answers "transient or not" and
 "database gone or not" the same way.
 
-Measured on PostgreSQL 15 (see NOTES): errors raised while connecting carry
+Measured on PostgreSQL 15: errors raised while connecting carry
 no SQLSTATE, only libpq's message ("Connection refused", "the database
 system is shutting down", "... is starting up", "... not yet accepting
 connections"); a connection dropped mid-session is flagged
@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from sqlalchemy import exc
+
+from jobrunner.exceptions import first_line
 
 log = logging.getLogger("jobrunner")
 
@@ -178,7 +180,7 @@ class Outage:
                 return False
             if self._since is None:
                 self._since = time.monotonic()
-                self._reason = _first_line(error) if error is not None else "no answer"
+                self._reason = first_line(error) if error is not None else "no answer"
                 self.episodes += 1
                 if self.notice:
                     self.notice(
@@ -233,9 +235,3 @@ class Outage:
             if classify(error) is not Kind.GONE:
                 log.debug("outage probe failed with a non-connection error", exc_info=error)
             return False
-
-
-def _first_line(error: BaseException) -> str:
-    orig = getattr(error, "orig", None) or error
-    lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(orig).__name__

@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobrunner import exceptions
+from jobrunner.exceptions import error_line
 
 MAX_FAILURES_LISTED = 100
+__all__ = ["MAX_FAILURES_LISTED", "ItemFailure", "RunResult", "Status", "error_line", "safe_repr"]
 
 
 class Status(enum.StrEnum):
@@ -141,21 +143,6 @@ class RunResult:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds") if value else None
-
-
-def error_line(error: BaseException) -> str:
-    """``ExceptionType: message`` on one line, without SQL, parameters or passwords."""
-    from jobrunner import redaction
-
-    orig = getattr(error, "orig", None)
-    if orig is not None and hasattr(error, "connection_invalidated"):  # a DBAPIError
-        lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
-        text = lines[0] if lines else ""
-        name = type(orig).__name__
-    else:
-        text = " ".join(str(error).split())
-        name = type(error).__name__
-    return redaction.redact(f"{name}: {text}" if text else name)
 
 
 def safe_repr(item: Any) -> str:

@@ -5,15 +5,11 @@ chunk again if the feed needs it, ``process`` each item (or
 ``process_batch`` once), record the resume keys, ask the fence whether the
 run may still commit, and commit, all on the worker's own session.
 
-When something fails:
-
-- a transient conflict (serialization failure, deadlock, SQLite busy):
-  retry the whole chunk after a backoff, counted against ``--retries``;
-- the database gone (refused, restarting, a dropped connection): wait for it
-  with the run's :class:`~jobrunner.outage.Outage`, then redo the chunk,
-  not counted against ``--retries`` (it is not the items' fault);
-- anything else, or retries used up: roll back, then replay each item of
-  the chunk alone, so that only the items that fail alone count as failed.
+What to do when an attempt does not commit (retry after a backoff, wait out
+an outage and redo, settle a commit cut by a lost connection, isolate the
+bad items of a failed chunk, fail, roll back) is decided in ``attempt.py``;
+this module carries the decisions out: the sleeping, the waiting, the
+lookups and the counting.
 
 A dry run uses the same unit on a savepoint session: "commit" releases the
 chunk's savepoint, and the whole run's transaction is rolled back at the end.
@@ -21,7 +17,6 @@ chunk's savepoint, and the whole run's transaction is rolled back at the end.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable
@@ -30,24 +25,17 @@ from typing import Any, Protocol
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from jobrunner import attempt
+from jobrunner.attempt import Do, Verdict
 from jobrunner.db import BEGAN_INFO
+from jobrunner.exceptions import CommitInDoubt, error_line
 from jobrunner.feed import Entry, Feed
 from jobrunner.outage import Kind, Outage, backoff, classify
 from jobrunner.progress import Progress
-from jobrunner.result import error_line
 from jobrunner.stop import Stop
 
 log = logging.getLogger("jobrunner")
-# A database that keeps vanishing while the same chunk runs is not waited
-# for forever: after this many redos the chunk counts as failed.
-MAX_REDOS_AFTER_OUTAGE = 5
 SLOW_SQLITE_HOLD_S = 0.1
-
-
-class Verdict(enum.Enum):
-    COMMIT = "commit"
-    REDO = "redo"  # the lock was retaken since this transaction began: redo it
-    ABANDON = "abandon"  # the run may no longer commit: roll back and stop
 
 
 class Fence(Protocol):
@@ -97,12 +85,6 @@ class TxidCheck:
         return None
 
 
-class CommitInDoubt(Exception):
-    """The connection was lost during COMMIT: the outcome is unknown. Not
-    retried, since it may have committed (a job with item_key lets
-    jobrunner check instead)."""
-
-
 class Unit:
     """Runs chunks for the workers (one instance, shared: it keeps no per-chunk state)."""
 
@@ -131,7 +113,7 @@ class Unit:
         self.outage = outage
         self.stop = stop
         self.progress = progress
-        self.retries = retries
+        self.policy = attempt.Policy(retries=retries)
         self.keys = keys
         self.on_failure = on_failure
         self.changes = changes  # a dry run's ChangeCounter
@@ -152,14 +134,15 @@ class Unit:
         if len(work) == 1:
             self.on_failure(work[0][0], work[0][1], error)
             return
-        # Spring Batch's rule: a failed chunk is replayed one item at a time,
-        # so the good items commit and only the bad ones fail, with their own error.
         self.progress.replay(len(work))
         log.info("a chunk of %d items failed (%s): replaying them one at a time", len(work), error)
-        for one in work:
-            single = self._transact(session, [one], claimed=False)
-            if single is not None:
-                self.on_failure(one[0], one[1], single)
+        start = 0
+        for size in attempt.isolate(len(work)):
+            part, start = work[start : start + size], start + size
+            failed = self._transact(session, part, claimed=False)
+            if failed is not None:
+                for item, token, _ in part:
+                    self.on_failure(item, token, failed)
 
     def _prepare(self, chunk: list[Entry]) -> list[tuple[Any, Any, Any]]:
         """(item, token, value): ``value`` is what ``process`` gets."""
@@ -177,12 +160,13 @@ class Unit:
     def _transact(self, session: Session, work: list, *, claimed: bool) -> BaseException | None:
         """Commit ``work`` in one transaction. None when settled (committed,
         claimed by someone else, or rolled back because the run stopped);
-        otherwise the error that failed it."""
-        retries = redos = 0
+        otherwise the error that failed it (the caller fails or isolates)."""
+        tally = attempt.Tally()
         while True:
             epoch = self.fence.epoch()
             committing = False
             mark = None
+            error: BaseException | None = None
             try:
                 if not claimed:
                     work = self._reclaim(session, work)
@@ -194,40 +178,52 @@ class Unit:
                 if self.keys is not None:
                     self.keys.record(session, [item for item, _, _ in work])
                 verdict = self.fence.verdict(epoch)
-                if verdict is not Verdict.COMMIT:
-                    session.rollback()
-                    self._discard()
-                    if verdict is Verdict.REDO:
-                        continue
-                    self.progress.roll_back(len(work))
+                if verdict is Verdict.COMMIT:
+                    if self.commit_check is not None:
+                        mark = self.commit_check.mark(session)
+                    committing = True
+                    self._commit(session, len(work))
                     return None
-                if self.commit_check is not None:
-                    mark = self.commit_check.mark(session)
-                committing = True
-                self._commit(session, len(work))
-                return None
-            except Exception as error:  # noqa: BLE001 - the job's code and the database's
+                session.rollback()
+                self._discard()
+                do = attempt.after_refusal(verdict)
+            except Exception as raised:  # noqa: BLE001 - the job's code and the database's
                 _rollback(session)
                 self._discard()
-                kind = classify(error)
-                if kind is Kind.GONE:
-                    if committing:
-                        return self._in_doubt(session, work, error, mark)
-                    if redos < MAX_REDOS_AFTER_OUTAGE and self.outage.wait(error):
-                        redos += 1
-                        self.progress.retry(len(work))
-                        continue
-                    if self.outage.gave_up or self.stop.is_set():
-                        self.progress.roll_back(len(work))
-                        return None
-                    return error
-                if kind is Kind.TRANSIENT and retries < self.retries and not self.stop.fatal:
-                    retries += 1
+                error = raised
+                do = attempt.after_error(
+                    classify(raised),
+                    committing=committing,
+                    items=len(work),
+                    tally=tally,
+                    policy=self.policy,
+                    stopping=self.stop.is_set() or self.outage.gave_up,
+                    fatal_stop=self.stop.fatal,
+                )
+            if do is Do.WAIT:
+                do = attempt.after_outage(
+                    back=self.outage.wait(error),
+                    gave_up=self.outage.gave_up,
+                    stopping=self.stop.is_set(),
+                    items=len(work),
+                )
+                if do is Do.REDO:
+                    tally.redos += 1
                     self.progress.retry(len(work))
-                    log.info("retrying %d item(s) after %s", len(work), _line(error))
-                    time.sleep(backoff(retries))
-                    continue
-                return error
+            if do is Do.REDO:
+                continue
+            if do is Do.RETRY:
+                tally.retries += 1
+                self.progress.retry(len(work))
+                log.info("retrying %d item(s) after %s", len(work), error_line(error) if error else "?")
+                time.sleep(backoff(tally.retries))
+                continue
+            if do is Do.ROLL_BACK:
+                self.progress.roll_back(len(work))
+                return None
+            if do is Do.SETTLE and error is not None:
+                return self._in_doubt(session, work, error, mark)
+            return error  # Do.FAIL or Do.ISOLATE: the caller fails the items or isolates them
 
     def _reclaim(self, session: Session, work: list) -> list:
         chunk = [(item, token) for item, token, _ in work]
@@ -247,6 +243,7 @@ class Unit:
     def _commit(self, session: Session, count: int) -> None:
         if self.before_commit is not None:
             self.before_commit(session)
+        began = None
         if self.watch_sqlite_lock is not None:
             began = session.connection().info.get(BEGAN_INFO)
         session.commit()
@@ -269,20 +266,17 @@ class Unit:
         """The connection died during COMMIT. Look (resume keys, or PostgreSQL's
         transaction status) once the database is back; if nobody can say, fail."""
         unknown = CommitInDoubt(
-            f"the connection was lost while committing ({_line(error)}): the outcome is "
+            f"the connection was lost while committing ({error_line(error)}): the outcome is "
             "unknown, so the item was not retried (define item_key to let jobrunner check)"
         )
-        if self.keys is None and self.commit_check is None:
+        if attempt.before_settle(can_look=self.keys is not None or self.commit_check is not None) is Do.FAIL:
             return unknown
         while True:
             if not self.outage.wait(error):
                 self.progress.roll_back(len(work))
                 return None
             try:
-                if self.keys is not None:
-                    done: bool | None = self.keys.committed(session, work[0][0])
-                else:
-                    done = self.commit_check.committed(session, mark)
+                committed = self._look_up(session, work, mark)
                 session.rollback()
                 break
             except Exception as again:  # noqa: BLE001
@@ -290,12 +284,20 @@ class Unit:
                 if classify(again) is not Kind.GONE:  # a pooled connection from before the outage
                     return again
                 error = again
-        if done is None:
-            return unknown
-        if done:
+        do = attempt.after_settle(committed)
+        if do is Do.DONE:
             self.progress.committed(len(work))
             return None
-        return self._transact(session, work, claimed=False)
+        if do is Do.REDO:
+            return self._transact(session, work, claimed=False)
+        return unknown
+
+    def _look_up(self, session: Session, work: list, mark: Any) -> bool | None:
+        if self.keys is not None:
+            return self.keys.committed(session, work[0][0])
+        if self.commit_check is not None:
+            return self.commit_check.committed(session, mark)
+        return None
 
 
 class SqliteLockWatch:
@@ -323,7 +325,3 @@ def _rollback(session: Session) -> None:
         session.rollback()
     except Exception:
         log.debug("rollback failed", exc_info=True)
-
-
-def _line(error: BaseException) -> str:
-    return error_line(error)

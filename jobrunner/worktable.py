@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from jobrunner import tables
 from jobrunner.db import Database
-from jobrunner.exceptions import ConfigError
+from jobrunner.exceptions import ItemNotPortable
 from jobrunner.feed import Entry
 from jobrunner.outage import Kind, Outage, classify
 from jobrunner.result import Status
@@ -58,10 +58,6 @@ LANES = 64
 # row 64 ways, and a claim found about bound/64 rows in its lane, whatever the
 # batch size (measured at batch 100: 50 items per commit; at 1000: 79).
 _SCALARS = (type(None), bool, int, float, str)
-
-
-class ItemNotPortable(ConfigError):
-    """An item cannot travel through the work table to other processes."""
 
 
 # -- items as JSON ---------------------------------------------------------------------

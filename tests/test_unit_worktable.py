@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobrunner.worktable import LANES, ItemNotPortable, block_seq, decode, encode
+from jobrunner.exceptions import ItemNotPortable
+from jobrunner.worktable import LANES, block_seq, decode, encode
 
 
 @pytest.mark.parametrize("batch", [1, 7, 100, 1000])

@@ -1,0 +1,132 @@
+"""What to do after an attempt at a chunk's transaction: the decisions alone.
+
+A transaction driver (``transaction.py`` for threads) runs a chunk, reports
+what happened, and carries out what this module says: it does the waiting
+(backoff, the outage, the fence), never the deciding. Every function here is
+pure: (what happened, the counters so far, the run's stop state) in, one
+:class:`Do` out. So every branch is tested in milliseconds without a
+database, and a second driver reuses the same rules instead of copying them.
+
+What happened is one of: the fence refused the commit (:func:`after_refusal`),
+the attempt raised (:func:`after_error`, the error classified once by
+:func:`jobrunner.outage.classify`), an outage wait ended
+(:func:`after_outage`), or a commit cut by a lost connection was looked up
+(:func:`after_settle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from jobrunner.outage import Kind
+
+# A database that keeps vanishing while the same chunk runs is not waited
+# for forever: after this many redos the chunk counts as failed.
+MAX_REDOS_AFTER_OUTAGE = 5
+
+
+class Verdict(enum.Enum):
+    """The fence's answer to "may this transaction commit?"."""
+
+    COMMIT = "commit"
+    REDO = "redo"  # the lock was retaken since this transaction began: redo it
+    ABANDON = "abandon"  # the run may no longer commit: roll back and stop
+
+
+class Do(enum.Enum):
+    REDO = "redo"  # again at once; nothing spent (the lock was taken again, or the database is back)
+    RETRY = "retry"  # again after a backoff, one retry spent
+    WAIT = "wait"  # wait out the outage, then see (after_outage)
+    SETTLE = "settle"  # the connection died in COMMIT: look up whether it committed
+    ISOLATE = "isolate"  # the chunk failed: find its bad items (see isolate())
+    FAIL = "fail"  # the item failed: record it
+    ROLL_BACK = "roll_back"  # the run may not commit this: roll back, count it rolled back
+    DONE = "done"  # it committed (a settled commit): count it
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The run's limits for one chunk."""
+
+    retries: int  # --retries: transient conflicts retried per chunk
+    max_redos: int = MAX_REDOS_AFTER_OUTAGE
+
+
+@dataclasses.dataclass
+class Tally:
+    """What one chunk has spent so far (one per chunk, owned by its driver)."""
+
+    retries: int = 0
+    redos: int = 0
+
+
+def after_refusal(verdict: Verdict) -> Do:
+    """The fence said no to a commit: redo under the retaken lock, or give up."""
+    if verdict is Verdict.REDO:
+        return Do.REDO
+    if verdict is Verdict.ABANDON:
+        return Do.ROLL_BACK
+    raise ValueError(f"{verdict} is not a refusal")
+
+
+def after_error(
+    kind: Kind,
+    *,
+    committing: bool,
+    items: int,
+    tally: Tally,
+    policy: Policy,
+    stopping: bool,
+    fatal_stop: bool,
+) -> Do:
+    """The attempt raised an error of ``kind`` (after its rollback).
+
+    ``committing``: it was raised by COMMIT itself. ``stopping``: the run is
+    stopping for any reason; ``fatal_stop``: for one that forbids commits (a
+    lost lock, an outage past its bound).
+    """
+    if kind is Kind.GONE:
+        if committing:
+            return Do.SETTLE  # it may have committed: never simply redone
+        if tally.redos < policy.max_redos:
+            return Do.WAIT
+        return Do.ROLL_BACK if stopping else _failed(items)
+    if kind is Kind.TRANSIENT and tally.retries < policy.retries and not fatal_stop:
+        return Do.RETRY
+    return _failed(items)
+
+
+def after_outage(*, back: bool, gave_up: bool, stopping: bool, items: int) -> Do:
+    """An outage wait ended: redo once the database is back (not counted
+    against --retries: it is not the items' fault); else the run is ending."""
+    if back:
+        return Do.REDO
+    if gave_up or stopping:
+        return Do.ROLL_BACK
+    return _failed(items)
+
+
+def before_settle(*, can_look: bool) -> Do:
+    """A commit was cut: it can be looked up (resume keys, or PostgreSQL's
+    transaction status) once the database is back, or it is in doubt."""
+    return Do.WAIT if can_look else Do.FAIL
+
+
+def after_settle(committed: bool | None) -> Do:
+    """The lookup answered: it committed, it did not (redo it), or nobody
+    can say (the item fails as in doubt rather than risk doing it twice)."""
+    if committed is None:
+        return Do.FAIL
+    return Do.DONE if committed else Do.REDO
+
+
+def _failed(items: int) -> Do:
+    return Do.ISOLATE if items > 1 else Do.FAIL
+
+
+def isolate(items: int) -> list[int]:
+    """How a failed chunk of ``items`` is tried again to find its bad items:
+    the sizes of the parts, in order. Spring Batch's rule, one item per
+    transaction, so the good items commit and only the bad ones fail."""
+    return [1] * items

@@ -1,0 +1,155 @@
+"""The attempt decisions and the error classifier on their own: no database,
+no waiting. Errors are the drivers' own exception classes, wrapped the way
+SQLAlchemy wraps them, carrying the codes their servers send."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import psycopg2.errors
+import pymysql
+import pytest
+from sqlalchemy import exc
+
+from jobrunner import attempt
+from jobrunner.attempt import Do, Policy, Tally, Verdict
+from jobrunner.outage import Kind, classify
+
+POLICY = Policy(retries=3)
+
+
+def decide(kind: Kind, *, items: int = 1, committing: bool = False, tally: Tally | None = None, **stop):
+    return attempt.after_error(
+        kind,
+        committing=committing,
+        items=items,
+        tally=tally or Tally(),
+        policy=POLICY,
+        stopping=stop.get("stopping", False),
+        fatal_stop=stop.get("fatal_stop", False),
+    )
+
+
+# -- the fence -------------------------------------------------------------------------------
+def test_a_lock_taken_again_redoes_the_chunk_and_a_lost_one_rolls_it_back():
+    assert attempt.after_refusal(Verdict.REDO) is Do.REDO
+    assert attempt.after_refusal(Verdict.ABANDON) is Do.ROLL_BACK
+    with pytest.raises(ValueError):
+        attempt.after_refusal(Verdict.COMMIT)
+
+
+# -- errors ----------------------------------------------------------------------------------
+def test_a_conflict_is_retried_until_the_retries_are_spent():
+    assert decide(Kind.TRANSIENT, tally=Tally(retries=0)) is Do.RETRY
+    assert decide(Kind.TRANSIENT, tally=Tally(retries=2)) is Do.RETRY
+    assert decide(Kind.TRANSIENT, tally=Tally(retries=3)) is Do.FAIL
+    assert decide(Kind.TRANSIENT, items=5, tally=Tally(retries=3)) is Do.ISOLATE
+
+
+def test_a_conflict_is_not_retried_once_the_run_may_no_longer_commit():
+    assert decide(Kind.TRANSIENT, fatal_stop=True) is Do.FAIL
+    # An ordinary stop (a signal) lets items in flight finish, retries included.
+    assert decide(Kind.TRANSIENT, stopping=True) is Do.RETRY
+
+
+def test_the_items_own_error_fails_one_item_and_isolates_a_chunk():
+    assert decide(Kind.FATAL) is Do.FAIL
+    assert decide(Kind.FATAL, items=2) is Do.ISOLATE
+    assert decide(Kind.FATAL, items=64, tally=Tally(retries=0)) is Do.ISOLATE
+
+
+def test_the_database_gone_is_waited_for_without_spending_a_retry():
+    assert decide(Kind.GONE, tally=Tally(retries=3)) is Do.WAIT
+    assert decide(Kind.GONE, tally=Tally(redos=attempt.MAX_REDOS_AFTER_OUTAGE - 1)) is Do.WAIT
+
+
+def test_a_database_that_keeps_vanishing_under_one_chunk_fails_it_in_the_end():
+    spent = Tally(redos=attempt.MAX_REDOS_AFTER_OUTAGE)
+    assert decide(Kind.GONE, tally=spent) is Do.FAIL
+    assert decide(Kind.GONE, items=3, tally=spent) is Do.ISOLATE
+    assert decide(Kind.GONE, tally=spent, stopping=True) is Do.ROLL_BACK
+
+
+def test_a_commit_cut_by_a_lost_connection_is_settled_never_simply_redone():
+    for tally in (Tally(), Tally(redos=99, retries=99)):
+        assert decide(Kind.GONE, committing=True, tally=tally) is Do.SETTLE
+        assert decide(Kind.GONE, committing=True, tally=tally, stopping=True) is Do.SETTLE
+
+
+def test_after_an_outage_the_chunk_is_redone_or_the_run_is_ending():
+    assert attempt.after_outage(back=True, gave_up=False, stopping=False, items=1) is Do.REDO
+    assert attempt.after_outage(back=False, gave_up=True, stopping=False, items=1) is Do.ROLL_BACK
+    assert attempt.after_outage(back=False, gave_up=False, stopping=True, items=1) is Do.ROLL_BACK
+    assert attempt.after_outage(back=False, gave_up=False, stopping=False, items=1) is Do.FAIL
+    assert attempt.after_outage(back=False, gave_up=False, stopping=False, items=4) is Do.ISOLATE
+
+
+def test_a_cut_commit_nobody_can_look_up_fails_in_doubt():
+    assert attempt.before_settle(can_look=False) is Do.FAIL
+    assert attempt.before_settle(can_look=True) is Do.WAIT
+
+
+def test_a_looked_up_commit_counts_once_is_redone_once_or_fails_in_doubt():
+    assert attempt.after_settle(True) is Do.DONE
+    assert attempt.after_settle(False) is Do.REDO
+    assert attempt.after_settle(None) is Do.FAIL
+
+
+@pytest.mark.parametrize("size", [2, 3, 64, 1000])
+def test_a_failed_chunk_is_tried_again_in_parts_covering_every_item_once(size):
+    parts = attempt.isolate(size)
+    assert sum(parts) == size and all(part >= 1 for part in parts)
+
+
+# -- the classifier, for every driver ----------------------------------------------------------
+def _pg(cls: type, sqlstate: str | None, message: str = "error") -> BaseException:
+    """A psycopg2 error as the server would send it (its code is set by libpq)."""
+    error_class = type(cls.__name__, (cls,), {"pgcode": sqlstate})
+    return error_class(message)
+
+
+def wrapped(orig: BaseException, *, invalidated: bool = False) -> exc.DBAPIError:
+    error = exc.OperationalError("SELECT 1", {}, orig)
+    error.connection_invalidated = invalidated
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (wrapped(_pg(psycopg2.errors.SerializationFailure, "40001")), Kind.TRANSIENT),
+        (wrapped(_pg(psycopg2.errors.DeadlockDetected, "40P01")), Kind.TRANSIENT),
+        (wrapped(_pg(psycopg2.errors.LockNotAvailable, "55P03")), Kind.FATAL),
+        (wrapped(_pg(psycopg2.errors.AdminShutdown, "57P01")), Kind.GONE),
+        (wrapped(_pg(psycopg2.errors.CannotConnectNow, "57P03")), Kind.GONE),
+        (wrapped(_pg(psycopg2.OperationalError, None, "connection refused\n\tIs the server")), Kind.GONE),
+        (
+            wrapped(_pg(psycopg2.OperationalError, None, "server closed the connection unexpectedly")),
+            Kind.GONE,
+        ),
+        (wrapped(_pg(psycopg2.OperationalError, None, "anything"), invalidated=True), Kind.GONE),
+        (wrapped(_pg(psycopg2.errors.UniqueViolation, "23505")), Kind.FATAL),
+        (wrapped(pymysql.err.OperationalError(1213, "Deadlock found")), Kind.TRANSIENT),
+        (wrapped(pymysql.err.OperationalError(1205, "Lock wait timeout exceeded")), Kind.TRANSIENT),
+        (wrapped(pymysql.err.OperationalError(2013, "Lost connection to server")), Kind.GONE),
+        (wrapped(pymysql.err.OperationalError(2003, "Can't connect")), Kind.GONE),
+        (wrapped(pymysql.err.IntegrityError(1062, "Duplicate entry")), Kind.FATAL),
+        (wrapped(sqlite3.OperationalError("database is locked")), Kind.TRANSIENT),
+        (wrapped(sqlite3.OperationalError("no such table: t")), Kind.FATAL),
+        (exc.TimeoutError("QueuePool limit of size 4 overflow 0 reached"), Kind.FATAL),
+        (exc.PendingRollbackError("This Session's transaction has been rolled back"), Kind.FATAL),
+        (ValueError("the job's own bug"), Kind.FATAL),
+    ],
+)
+def test_every_databases_errors_are_classified_one_way(error, kind):
+    assert classify(error) is kind
+
+
+def test_an_error_raised_while_handling_a_conflict_is_classified_by_its_cause():
+    try:
+        try:
+            raise wrapped(_pg(psycopg2.errors.SerializationFailure, "40001"))
+        except exc.OperationalError as conflict:
+            raise RuntimeError("the job wrapped it") from conflict
+    except RuntimeError as error:
+        assert classify(error) is Kind.TRANSIENT
