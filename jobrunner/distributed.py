@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -35,16 +35,13 @@ from sqlalchemy.orm import Session
 
 from jobrunner import history, jobs, tables
 from jobrunner.config import Config
-from jobrunner.context import JobContext
 from jobrunner.db import Database
 from jobrunner.exceptions import EX_SIGINT, ConfigError, HelpersRemain, describe_holder, exit_for
-from jobrunner.executor import Workers
-from jobrunner.locking import HelperFence, RunFence, helpers_still_working
+from jobrunner.locking import helpers_still_working
 from jobrunner.outage import Outage
 from jobrunner.progress import Progress
-from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure, RunResult, Status, error_line, safe_repr
-from jobrunner.stop import Stop, catch_signals
-from jobrunner.transaction import TxidCheck, Unit
+from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure, Status, error_line
+from jobrunner.stop import Stop
 from jobrunner.worktable import Feeder, WorkTableFeed, first_free_seq, retry_gone
 
 log = logging.getLogger("jobrunner")
@@ -161,9 +158,9 @@ class Leader:
         work, failures, runs = tables.work, tables.failures, tables.runs
         with self.database.bookkeeping() as session, session.begin():
             self.fed_all_before = bool(session.scalar(select(runs.c.fed_all).where(runs.c.id == old)))
-            moved = session.execute(
-                update(work).where(work.c.run_id == old).values(run_id=self.run_id)
-            ).rowcount
+            moved = history._rowcount(
+                session.execute(update(work).where(work.c.run_id == old).values(run_id=self.run_id))
+            )
             keys = session.execute(select(work.c.key).where(work.c.run_id == self.run_id)).scalars()
             self.adopted_keys = frozenset(key for key in keys if key is not None)
             rows = []
@@ -192,7 +189,13 @@ class Leader:
     def feed(self) -> WorkTableFeed:
         if self._feed is None:
             self._feed = WorkTableFeed(
-                self.database, self.run_id, stop=self.stop.event, outage=self.outage, leader=True
+                self.database,
+                self.run_id,
+                stop=self.stop.event,
+                outage=self.outage,
+                leader=True,
+                feeder=self.feeder,
+                fed_all=self.mark_fed_all,
             )
         return self._feed
 
@@ -359,95 +362,6 @@ def joinable_run(database: Database, job: str) -> tuple[int | None, bool]:
         time.sleep(0.1)
 
 
-def help_run(config: Config, job: jobs.Job, database: Database, reporter: Any, run_id: int) -> RunResult:
-    """Claim and process the items of run ``run_id`` until none are left."""
-    started_at, t0 = datetime.now(UTC), time.monotonic()
-    stop, progress = Stop(), Progress()
-    outage = Outage(
-        database.probe,
-        config.outage_timeout,
-        on_timeout=lambda message: stop.set(Status.UNAVAILABLE, message),
-        notice=reporter.notice,
-        stopped=stop.is_set,
-    )
-    fence = HelperFence(
-        database,
-        job.name,
-        run_id,
-        heartbeat=config.heartbeat,
-        on_lost=lambda why: stop.set(Status.LOCK_LOST, f"the run ended under this helper: {why}"),
-        may_retake=lambda: True,
-        retake_within=config.outage_timeout,
-        notice=reporter.notice,
-    )
-    ctx = JobContext(
-        job=job.name,
-        params=dict(config.params),
-        log=logging.getLogger(f"jobrunner.job.{job.name}"),
-        stopping=stop.event,
-        run_id=run_id,
-    )
-    feed = WorkTableFeed(database, run_id, stop=stop.event, outage=outage, leader=False)
-
-    def failed(item: Any, token: Any, error: BaseException) -> None:
-        shown, line = safe_repr(item), error_line(error)
-        if feed.settle_failure(token, item, shown, line):
-            progress.failure(shown, line)
-            log.error("item %s failed: %s", shown, line, exc_info=error, extra={"item_failure": True})
-
-    with fence:
-        row = ProcessRow(database, run_id, "helper", config.workers, outage)
-        row.register()
-        unit = Unit(
-            job=job,
-            ctx=ctx,
-            feed=feed,
-            fence=RunFence(fence, stop),
-            outage=outage,
-            stop=stop,
-            progress=progress,
-            retries=config.retries,
-            keys=history.KeyRecorder(run_id, job.item_key) if job.item_key else None,
-            on_failure=failed,
-            commit_check=TxidCheck(),
-        )
-        workers = Workers(
-            workers=config.workers,
-            open_session=database.session,
-            close_session=Session.close,
-            take=lambda session: feed.take(session, config.batch_size),
-            work=unit,
-            pause=lambda: not outage.active or outage.wait(),
-            thread_name=f"jobrunner-{job.name}-helper",
-        )
-        with catch_signals(stop, reporter.notice, config.shutdown_timeout):
-            reporter.started(job.name, total=None, progress=progress, run_id=run_id)
-            workers.start()
-            while not workers.wait(TICK_S):
-                row.tick(progress)
-                if fence.stop_requested and not stop.is_set():
-                    stop.set(Status.INTERRUPTED, f"the leader stopped run {run_id}: {fence.stop_requested}")
-        snap = progress.snapshot()
-        status = stop.reason or (Status.FAILED if snap["failed"] else Status.SUCCEEDED)
-        row.finish(status, progress)
-    return RunResult(
-        job=job.name,
-        status=status,
-        **{key: snap[key] for key in history.COUNTS},
-        started_at=started_at,
-        finished_at=datetime.now(UTC),
-        duration_seconds=time.monotonic() - t0,
-        items_seconds=progress.items_seconds(),
-        workers=config.workers,
-        batch_size=config.batch_size,
-        failures=tuple(progress.failures),
-        error=stop.message,
-        signal=stop.signal,
-        run_id=run_id,
-        role="helper",
-    )
-
-
 # What a local helper says on the terminal. The leader reports the run for
 # every process (totals, failed items, the abort or the signal), so a helper
 # speaks only of what ended it alone: the run lost under it, the database
@@ -469,8 +383,10 @@ def local_helper(config: Config, run_id: int) -> None:
     try:
         job = jobs.load(config.jobs_path, config.job or "")
         job_config = config.with_job_defaults(job.defaults, str(job.path))
+        from jobrunner import runner
+
         with tables.ready_database(job_config, job.name, workers=job_config.workers) as database:
-            result = help_run(job_config, job, database, reporter, run_id)
+            result, abandoned = runner.help_run(job_config, job, database, reporter, run_id)
     except Exception as error:  # noqa: BLE001 - one line, as the leader would print it
         code, what = exit_for(error)
         line = f"helper pid {os.getpid()} of run {run_id}: {what}"
@@ -484,4 +400,6 @@ def local_helper(config: Config, run_id: int) -> None:
     except KeyboardInterrupt:  # Ctrl-C reached the process group before its handlers were set
         sys.exit(EX_SIGINT)
     reporter.finished(result, terminal=result.status in _HELPER_SPEAKS)
+    if abandoned:
+        runner.leave_now(result.exit_code)
     sys.exit(result.exit_code)

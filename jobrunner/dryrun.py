@@ -126,8 +126,20 @@ def _refuse_ddl(
 class _Serial:
     """The dry run's feed: items come straight from the iterator, in this thread."""
 
+    def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
+        raise RuntimeError("a dry run reads items() itself")
+
+    def finish(self, consumers: int) -> None:
+        pass
+
+    def take(self, session: Any, limit: int) -> list[Entry] | None:
+        return None
+
     def reclaim(self, session: Any, chunk: list[Entry]) -> list[Entry]:
         return chunk
+
+    def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
+        return True
 
 
 SERIAL = _Serial()

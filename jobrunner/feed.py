@@ -25,11 +25,24 @@ MIN_CAPACITY = 32
 
 
 class Feed(Protocol):
+    """Both halves of where items go: fed in by the producer, taken by the workers."""
+
+    # -- the producer's side
+    def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
+        """Feed ``items`` (lazily) until they end, the run stops or the workers are gone."""
+
+    def finish(self, consumers: int) -> None:
+        """Feeding has ended, fed whole or not: the workers finish what was fed."""
+
+    # -- the workers' side
     def take(self, session: Any, limit: int) -> list[Entry] | None:
         """Up to ``limit`` entries, at least one; None when there is no more work."""
 
     def reclaim(self, session: Any, chunk: list[Entry]) -> list[Entry]:
         """At the start of a retry: the entries of ``chunk`` still ours to do."""
+
+    def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
+        """An item failed alone: record it; False if another process holds it now."""
 
 
 class MemoryFeed:
@@ -82,6 +95,12 @@ class MemoryFeed:
         for _ in range(consumers):
             self._items.put(_END)
 
+    def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
+        produce(self, items, accept=accept, alive=alive)
+
+    def finish(self, consumers: int) -> None:
+        self.close(consumers)
+
     # -- the workers' side ---------------------------------------------------
     def take(self, session: Any, limit: int) -> list[Entry] | None:
         entry = self._items.get()
@@ -102,6 +121,9 @@ class MemoryFeed:
 
     def reclaim(self, session: Any, chunk: list[Entry]) -> list[Entry]:
         return chunk
+
+    def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
+        return True  # nobody else can hold it
 
     def _taken(self, count: int) -> None:
         with self._room:

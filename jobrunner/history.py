@@ -273,7 +273,7 @@ def open_run(recorder: RunRecorder, config: Any, *, lock: str, resumable: bool) 
     crashed = recorder.mark_crashed(holding_lock=lock != "none")
     if crashed:
         recorder.notice(f"marked {crashed} earlier run(s) of {recorder.job} as crashed")
-    resumed_from, skip = None, frozenset()
+    resumed_from, skip = None, frozenset[str]()
     if config.resume:
         latest, chain = resume_point(recorder.database, recorder.job, before=None)
         if latest is None:
@@ -401,8 +401,8 @@ def purge(database: dbmod.Database, before: datetime, job: str | None) -> tuple[
         condition.append(runs.c.job == job)
     with database.bookkeeping() as session, session.begin():
         ids = select(runs.c.id).where(and_(*condition))
-        keys = session.execute(delete(tables.item_keys).where(tables.item_keys.c.run_id.in_(ids))).rowcount
-        count = session.execute(delete(runs).where(*condition)).rowcount
+        keys = _rowcount(session.execute(delete(tables.item_keys).where(tables.item_keys.c.run_id.in_(ids))))
+        count = _rowcount(session.execute(delete(runs).where(*condition)))
     return count, keys
 
 
@@ -417,3 +417,8 @@ def purge_before(config: Any, before: datetime, job: str | None) -> tuple[int, i
     cutoff = before.astimezone(UTC).replace(tzinfo=None)
     with tables.existing_database(config, job or "history") as database:
         return purge(database, cutoff, job) if database is not None else (0, 0)
+
+
+def _rowcount(result: Any) -> int:
+    """Rows a DML statement changed (a CursorResult's; typed loosely by SQLAlchemy)."""
+    return int(result.rowcount)

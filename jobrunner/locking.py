@@ -84,7 +84,7 @@ class _Heartbeat:
         job: str,
         *,
         heartbeat: float,
-        on_lost: Callable[[str], None] | None,
+        on_lost: Callable[[str], object] | None,
         may_retake: Callable[[], bool] | None,
         retake_within: float,
         notice: Callable[[str], None] | None,
@@ -138,6 +138,17 @@ class _Heartbeat:
     def check(self) -> bool:
         """True while the right is held (and not in doubt)."""
         return not self.lost.is_set() and not self._in_doubt
+
+    def settle(self, timeout: float) -> bool:
+        """Wait while the right is in doubt, up to ``timeout``: True if it is held."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._in_doubt and not self.lost.is_set() and not self._release.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.1))
+        return self.check()
 
     # -- the fence: asked by every worker before each commit -----------------
     def epoch(self) -> int:
@@ -303,7 +314,7 @@ class Guard(_Heartbeat):
         mode: str = "row",
         wait: float = 0.0,
         heartbeat: float = 1.0,
-        on_lost: Callable[[str], None] | None = None,
+        on_lost: Callable[[str], object] | None = None,
         record_holder: bool = True,
         may_retake: Callable[[], bool] | None = None,
         retake_within: float = 0.0,
@@ -354,7 +365,7 @@ class Guard(_Heartbeat):
             if session.scalar(select(func.count()).where(tables.locks.c.job == self.job)):
                 session.commit()
                 return
-            insert = mysql.insert(tables.locks).values(job=self.job).prefix_with("IGNORE")
+            insert: Any = mysql.insert(tables.locks).values(job=self.job).prefix_with("IGNORE")
         else:
             insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
         session.execute(insert)

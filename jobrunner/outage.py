@@ -148,7 +148,7 @@ class Outage:
         probe: Callable[[], None],
         timeout: float,
         *,
-        on_timeout: Callable[[str], None] | None = None,
+        on_timeout: Callable[[str], object] | None = None,
         notice: Callable[[str], None] | None = None,
         stopped: Callable[[], bool] = lambda: False,
     ) -> None:

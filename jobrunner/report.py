@@ -288,8 +288,8 @@ class TerminalReporter(Reporter):
 
         self.console = Console(file=stderr)
         self.out_console = self.console if config.json else Console(file=sys.stdout)
-        self._bar = None
-        self._status = None
+        self._bar: Any = None  # rich's Progress bar, once the run has started
+        self._status: Any = None  # rich's Status spinner, while a phase lasts
         for handler in logging.getLogger("jobrunner").handlers:
             if isinstance(handler, _StderrHandler):
                 handler.addFilter(_NotItemFailures())
@@ -312,7 +312,7 @@ class TerminalReporter(Reporter):
         self._end_phase()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        columns = [TextColumn("[bold]{task.description}")]
+        columns: list[Any] = [TextColumn("[bold]{task.description}")]
         if total is not None:
             columns += [BarColumn(), MofNCompleteColumn()]
         else:
@@ -374,7 +374,7 @@ class TerminalReporter(Reporter):
         table = Table(title=title, show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column(justify="right")
-        rows = [
+        rows: list[tuple[str, Any]] = [
             ("succeeded", result.succeeded),
             ("failed", result.failed),
             ("retried", result.retried),

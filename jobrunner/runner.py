@@ -22,16 +22,16 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session
 
 from jobrunner import db as dbmod
-from jobrunner import distributed, dryrun, history, jobs, paging, tables
+from jobrunner import distributed, dryrun, history, jobs, paging, roles, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
-from jobrunner.exceptions import ConfigError, HelpersRemain, JobError, LockHeld
+from jobrunner.exceptions import ConfigError, HelpersRemain, JobError, LockHeld, error_line
 from jobrunner.executor import Workers
-from jobrunner.feed import ItemFilter, MemoryFeed, produce
-from jobrunner.locking import Guard, RunFence
+from jobrunner.feed import Feed, ItemFilter
+from jobrunner.locking import RunFence, _Heartbeat
 from jobrunner.outage import Kind, Outage, classify
 from jobrunner.progress import Progress
-from jobrunner.result import RunResult, Status, error_line, safe_repr
+from jobrunner.result import RunResult, Status, safe_repr
 from jobrunner.stop import Stop, catch_signals
 from jobrunner.transaction import SqliteLockWatch, TxidCheck, Unit
 
@@ -81,24 +81,39 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
     with tables.ready_database(config, job.name, workers=config.workers) as database:
         if config.distributed:
             distributed.check_supported(database, config)
-        active = _Run(config, job, database, reporter)
+        active = _Run(config, job, database, reporter, roles.for_config(config))
         result = active.execute()
         if result.status is Status.LOCKED and config.join and not active.helpers_remain:
             run_id, accepts = distributed.joinable_run(database, job.name)
             if run_id is not None and accepts:
-                result = distributed.help_run(config, job, database, reporter, run_id)
+                active = _Run(config, job, database, reporter, roles.Helping(run_id))
+                result = active.execute()
     if active.config_error is not None:
         raise active.config_error
     reporter.finished(result)
     if result.role != "helper":
         _write_metrics(config, result, reporter)
     if active.abandoned:
-        # Workers outlived --shutdown-timeout. The result is printed; leave
-        # now, so the database rolls back whatever they still hold open.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(result.exit_code)
+        leave_now(result.exit_code)
     return result
+
+
+def help_run(
+    config: Config, job: jobs.Job, database: dbmod.Database, reporter: Reporter, run_id: int
+) -> tuple[RunResult, bool]:
+    """Help run ``run_id`` (led by another process) until its items are done:
+    its result, and whether workers were abandoned at --shutdown-timeout."""
+    active = _Run(config, job, database, reporter, roles.Helping(run_id))
+    result = active.execute()
+    return result, active.abandoned
+
+
+def leave_now(code: int) -> None:
+    """Workers outlived --shutdown-timeout. The result is printed; leave now,
+    so the database rolls back whatever they still hold open."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _write_metrics(config: Config, result: RunResult, reporter: Reporter) -> None:
@@ -114,12 +129,19 @@ def _write_metrics(config: Config, result: RunResult, reporter: Reporter) -> Non
 
 
 class _Run:
-    def __init__(self, config: Config, job: jobs.Job, database: dbmod.Database, reporter: Reporter):
+    """One run of one job in this process; ``role`` supplies what differs
+    between a single process, a distributed run's leader and a helper."""
+
+    def __init__(
+        self, config: Config, job: jobs.Job, database: dbmod.Database, reporter: Reporter, role: roles.Single
+    ):
         self.config, self.job, self.database, self.reporter = config, job, database, reporter
+        self.role = role
         self.progress = Progress()
         self.stop = Stop()
         self.error: str | None = None  # setup() or items() raised: the run failed
         self.abandoned = False
+        self.result: RunResult | None = None
         self.outage = Outage(
             database.probe,
             config.outage_timeout,
@@ -130,13 +152,12 @@ class _Run:
         self.recorder = history.RunRecorder(
             database, job.name, reporter.notice, Outage(database.probe, config.outage_timeout)
         )
-        self.guard: Guard | None = None
+        self.guard: _Heartbeat | None = None
         self.fence = RunFence(None, self.stop)
+        self.feed: Feed = dryrun.SERIAL
         self.changes: dryrun.ChangeCounter | None = None
         self.opening = history.Opening(None, None, frozenset())
         self.checkpoints = history.Checkpoints(self.recorder, self.progress, by_workers=database.is_sqlite)
-        self.leader: distributed.Leader | None = None
-        self.totals: dict[str, Any] | None = None  # a distributed run's counts over every process
         self.helpers_remain = False
         self.config_error: ConfigError | None = None  # items() yielded an item that cannot travel
         self.ctx = JobContext(
@@ -146,21 +167,21 @@ class _Run:
             log=logging.getLogger(f"jobrunner.job.{job.name}"),
             stopping=self.stop.event,
         )
+        role.bind(self)
 
     def execute(self) -> RunResult:
         started_at, t0 = datetime.now(UTC), time.monotonic()
         try:
-            with self._guard():
-                self._open()
+            with self._hold():
+                self.role.open()
+                self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
                 with catch_signals(self.stop, self.reporter.notice, self.config.shutdown_timeout):
                     if self.config.dry_run:
                         self._dry_run()
                     elif self._setup():
                         self._fan_out()
                 result = self._result(started_at, t0)
-                # Before the lock is released: the next run must not find
-                # this one still 'running' and mark it crashed.
-                self.recorder.finish(result, patient=not self.abandoned)
+                self.role.close(result)
         except LockHeld as held:
             self.helpers_remain = isinstance(held, HelpersRemain)
             duration = time.monotonic() - t0
@@ -169,58 +190,16 @@ class _Run:
             )
         return result
 
-    def _guard(self) -> contextlib.AbstractContextManager[Any]:
-        if self.config.no_lock:
-            return contextlib.nullcontext()
-        self.reporter.phase("waiting for the lock" if self.config.wait_lock else "taking the lock")
-        self.guard = Guard(
-            self.database,
-            self.job.name,
-            mode=self.config.lock,
-            wait=self.config.wait_lock,
-            heartbeat=self.config.heartbeat,
-            on_lost=lambda why: self.stop.set(
-                Status.LOCK_LOST, f"lock lost: {why}; nothing commits after this"
-            ),
-            may_retake=lambda: self.opening.run_id is not None and self.recorder.still_ours(),
-            retake_within=self.config.outage_timeout,
-            notice=self.reporter.notice,
-            on_retake=self._new_leader_backend,
-        )
-        self.fence = RunFence(self.guard, self.stop)
-        return self.guard
-
-    def _open(self) -> None:
-        """Holding the lock: start the run's history, and lead if distributed."""
-        if self.guard is not None and self.database.family == "postgresql":
-            # Any run that takes the lock, distributed or not: a helper of an
-            # earlier run that can still commit must be gone first.
-            distributed.Leader.refuse_if_helpers_remain(self.database, self.job.name)
-        lock = self.guard.mode if self.guard is not None else "none"
-        resumable = self.job.item_key is not None
-        self.opening = history.open_run(self.recorder, self.config, lock=lock, resumable=resumable)
-        self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
-        if self.config.distributed and self.opening.run_id is not None:
-            self.leader = distributed.Leader(
-                self.database,
-                self.config,
-                self.job,
-                self.opening.run_id,
-                stop=self.stop,
-                outage=self.outage,
-                notice=self.reporter.notice,
-            )
-            self.leader.open(self.guard.backend if self.guard else None, self.opening.resumed_from)
-            # Now, not after setup(): a spawned interpreter takes a second to start.
-            self.leader.start_local_helpers()
-
-    def _new_leader_backend(self, backend: str | None) -> None:
-        """The lock was taken again on a new connection: helpers follow it."""
-        if self.leader is not None:
-            self.leader.open_backend(backend)
+    def _hold(self) -> contextlib.AbstractContextManager[Any]:
+        """The right to commit, for the whole run: the job's lock, or a helper's fence."""
+        held = self.role.hold()
+        if isinstance(held, _Heartbeat):
+            self.guard = held
+            self.fence = RunFence(held, self.stop)
+        return held
 
     def _setup(self) -> bool:
-        if self.job.setup is None:
+        if self.job.setup is None or not self.role.sets_up:
             return True
         self.reporter.phase("setting up")
         while True:
@@ -236,8 +215,8 @@ class _Run:
                 return False
 
     def _fan_out(self) -> None:
-        size, leader = self.config.batch_size, self.leader
-        feed = leader.feed() if leader else MemoryFeed(self.config.workers * size, self.stop.event)
+        size = self.config.batch_size
+        self.feed = feed = self.role.feed()
         workers = Workers(
             workers=self.config.workers,
             open_session=self.database.session,
@@ -245,49 +224,41 @@ class _Run:
             take=lambda session: feed.take(session, size),
             work=self._unit(feed),
             pause=lambda: not self.outage.active or self.outage.wait(),
-            thread_name=f"jobrunner-{self.job.name}",
+            thread_name=self.role.thread_name(),
         )
 
         def produce_items() -> None:  # the producer thread, with a reader session of its own
             try:
-                if leader is not None and not leader.must_feed:
-                    # A resumed run that had fed everything: items() is not called again.
-                    self._started(range(leader.adopted), None)
+                substitute = self.role.substitute_items()
+                if substitute is not None:  # a resumed run that had fed everything
+                    self._started(substitute, None)
                     return
                 with self.database.reader() as session:
                     session.info[paging.OUTAGE_INFO] = self.outage  # paged() waits out outages too
                     items = self.job.items(self.ctx, session)
                     self._started(items, session)
-                    if leader is not None:
-                        leader.feeder().feed(items, self._filter())
-                    else:
-                        produce(feed, items, accept=self._filter(), alive=workers.alive)
+                    feed.feed_in(items, self._filter(), workers.alive)
             except Exception as error:  # noqa: BLE001 - the job's own code
                 self._failed("items()", error)
             finally:
-                if leader is not None:
-                    leader.mark_fed_all()  # the helpers finish what was fed, then leave
-                else:
-                    feed.close(workers.count)
+                feed.finish(workers.count)
 
-        workers.start(produce_items)
+        workers.start(produce_items if self.role.sets_up else None)
         self._supervise(workers)
         workers.join_producer(timeout=1.0)
-        if leader is not None:
-            self.totals = leader.finish(self.progress, timeout=self.config.shutdown_timeout + 10)
+        self.role.after_workers()
 
-    def _supervise(self, workers: Workers) -> None:
+    def _supervise(self, workers: Workers[Session]) -> None:
         """The main thread while workers work: checkpoints, and the shutdown timeout."""
         stopped_at: float | None = None
         while not workers.wait(TICK_S):
             now = time.monotonic()
             if not self.outage.active:
                 self.checkpoints.tick()
-                if self.leader is not None:
-                    self.leader.tick(self.progress)
+                self.role.tick()
             if self.stop.is_set():
-                if stopped_at is None and self.leader is not None:
-                    self.leader.request_stop()
+                if stopped_at is None:
+                    self.role.stopping()
                 stopped_at = stopped_at or now
                 if now - stopped_at > self.config.shutdown_timeout:
                     self.fence.closed.set()
@@ -316,7 +287,7 @@ class _Run:
         finally:
             self.changes.close()
 
-    def _unit(self, feed: Any) -> Unit:
+    def _unit(self, feed: Feed) -> Unit:
         run_id, key_of = self.opening.run_id, self.job.item_key
         keys = history.KeyRecorder(run_id, key_of) if key_of and run_id and not self.config.dry_run else None
         watch = self.database.is_sqlite and self.config.workers > 1 and not self.config.dry_run
@@ -342,10 +313,10 @@ class _Run:
         return TxidCheck() if self.database.family == "postgresql" and not self.config.dry_run else None
 
     def _filter(self) -> ItemFilter:
-        skip = self.opening.skip_keys | (self.leader.adopted_keys if self.leader else frozenset())
+        skip = self.opening.skip_keys | self.role.skip_keys()
         return ItemFilter(skip, self.job.item_key, self.progress.skip)
 
-    def _started(self, items: Any, session: Session) -> None:
+    def _started(self, items: Any, session: Session | None) -> None:
         if hasattr(items, "__len__"):
             self.progress.total = len(items)
         elif self.job.count is not None:
@@ -355,7 +326,7 @@ class _Run:
 
     def _item_failed(self, item: Any, token: Any, error: BaseException) -> None:
         shown, line = safe_repr(item), error_line(error)
-        if self.leader is not None and not self.leader.settle_failure(token, item, shown, line):
+        if not self.feed.settle_failure(token, item, shown, line):
             return  # another process holds the item now: it is theirs
         failed = self.progress.failure(shown, line)
         log.error("item %s failed: %s", shown, line, exc_info=error, extra={"item_failure": True})
@@ -379,17 +350,7 @@ class _Run:
         log.error("%s", message, exc_info=error)
 
     def _result(self, started_at: datetime, t0: float) -> RunResult:
-        snap = self.progress.snapshot()
-        extra: dict[str, Any] = {"failures": tuple(self.progress.failures)}
-        if self.leader is not None and self.totals is not None:
-            counted = ("succeeded", "failed", "retried", "replayed", "rolled_back", "commits")
-            snap = {**snap, **{k: self.totals[k] for k in counted}}
-            extra = {
-                "failures": self.totals["failures"],
-                "role": "leader",
-                "processes": 1 + self.totals["helpers"],
-                "hosts": max(1, self.totals["hosts"]),
-            }
+        snap, extra = self.role.counts(self.progress.snapshot())
         message = self.stop.message or self.error
         if message and snap["rolled_back"]:
             message += f" ({snap['rolled_back']} finished items were rolled back, not committed)"

@@ -68,7 +68,8 @@ class TxidCheck:
         if not session.in_transaction():
             return None
         connection = session.connection()
-        if connection.connection.dbapi_connection.get_transaction_status() == 0:
+        raw: Any = connection.connection.dbapi_connection
+        if raw.get_transaction_status() == 0:
             return None  # psycopg2 is idle: nothing was sent, so nothing to settle
         return connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
 

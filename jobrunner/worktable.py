@@ -151,15 +151,36 @@ class WorkTableFeed:
     """Chunks claimed from the work table, inside the worker's transaction."""
 
     def __init__(
-        self, database: Database, run_id: int, *, stop: threading.Event, outage: Outage, leader: bool
+        self,
+        database: Database,
+        run_id: int,
+        *,
+        stop: threading.Event,
+        outage: Outage,
+        leader: bool,
+        feeder: Callable[[], Feeder] | None = None,
+        fed_all: Callable[[], None] | None = None,
     ) -> None:
         self.database = database
         self.run_id = run_id
         self.stop = stop
         self.outage = outage
         self.leader = leader
+        self._feeder = feeder  # the leader's: helpers feed nothing
+        self._mark_fed_all = fed_all
         self._lanes = threading.local()
         self._all_fed = False  # once True, for good: no need to ask again
+
+    # -- the leader's side
+    def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
+        if self._feeder is None:
+            raise RuntimeError("only the leader feeds the work table")
+        self._feeder().feed(items, accept)
+
+    def finish(self, consumers: int) -> None:
+        """Fed or not: the helpers finish what was fed, then leave."""
+        if self._mark_fed_all is not None:
+            self._mark_fed_all()
 
     def take(self, session: Session, limit: int) -> list[Entry] | None:
         while not self.stop.is_set():
@@ -200,7 +221,7 @@ class WorkTableFeed:
                 # This lane's next batch is a round of lanes away: start the
                 # next claim on the next lane, not on this one, now drained.
                 after[lane], state["lane"] = max(seq for seq, _ in rows), (lane + 1) % LANES
-                return rows
+                return list(rows)
             session.rollback()  # the next lane with a fresh snapshot: rows fed meanwhile count
             state["lane"] = (lane + 1) % LANES
         if not retry_gone(self.outage, self._fed_all):
@@ -212,7 +233,7 @@ class WorkTableFeed:
             # mix batches in one chunk.
             state["swept_after_fed_all"] = True
             return self._claim(session, limit)
-        return session.execute(CLAIM_ANY, {"run_id": self.run_id, "limit": limit}).all()
+        return list(session.execute(CLAIM_ANY, {"run_id": self.run_id, "limit": limit}).all())
 
     def _fed_all(self) -> bool:
         if not self._all_fed:
@@ -351,8 +372,11 @@ class Feeder:
         # A round of lanes spans LANES * batch_size seqs, fed in any order.
         recent = work.c.seq >= self.top - 4 * self.bound - LANES * self.batch_size
         with self.database.bookkeeping() as session:
-            return session.scalar(
-                select(func.count()).select_from(work).where(work.c.run_id == self.run_id, recent)
+            return (
+                session.scalar(
+                    select(func.count()).select_from(work).where(work.c.run_id == self.run_id, recent)
+                )
+                or 0
             )
 
 

@@ -384,3 +384,47 @@ def test_status_shows_the_leader_and_its_helpers(cli, spawn, write_job, pg_url):
     assert f"running (pid {leader.pid} on " in human and "1 helper" in human
     leader.send_signal(signal.SIGTERM)
     assert finish(leader)[0] == 143
+
+
+SLOW_IN_HELPER = '''
+"""Items sleep for $JOB_SLEEP seconds; each says when it starts (a file per
+process and item), and writes its row at the end."""
+import os, pathlib, time
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS batch_rows (item INTEGER PRIMARY KEY, pid INTEGER)"))
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 40)))
+
+def process(ctx, session, item):
+    pathlib.Path(f"started-{os.getpid()}-{item}").touch()
+    time.sleep(float(os.environ["JOB_SLEEP"]))
+    session.execute(text("INSERT INTO batch_rows VALUES (:i, :p)"), {"i": item, "p": os.getpid()})
+'''
+
+
+def test_a_join_helper_told_to_stop_honours_the_shutdown_timeout(spawn, write_job, pg_url, tmp_path):
+    write_job("slowhelp", SLOW_IN_HELPER)
+    args = ("run", "slowhelp", "--database-url", pg_url, "--join", "-w", "2", "--param", "n=40")
+    leader = spawn(*args, env={"JOB_SLEEP": "0.3"})
+    wait_for_rows(pg_url, "batch_rows", minimum=2)
+    helper = spawn(*args, "--shutdown-timeout", "1", env={"JOB_SLEEP": "60"})
+    deadline = time.monotonic() + 30
+    while not list(tmp_path.glob(f"started-{helper.pid}-*")):
+        assert time.monotonic() < deadline and helper.poll() is None, "the helper never took an item"
+        time.sleep(0.05)
+    helper.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    code, _, err = finish(helper, timeout=30)
+    took = time.monotonic() - stopped
+    assert code == 143, err
+    # Its items sleep for a minute: it left at the bound, not when they ended.
+    assert took < 1 + 5, f"the helper took {took:.1f}s to stop"
+    assert "rolled back" in err
+    leader_code, _, leader_err = finish(leader)
+    assert leader_code == 0, leader_err
+    rows = query(pg_url, "SELECT item, pid FROM batch_rows ORDER BY item")
+    assert [item for item, _ in rows] == list(range(40)), "an item was lost or done twice"
+    assert helper.pid not in {pid for _, pid in rows}, "an abandoned item committed"
