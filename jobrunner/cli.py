@@ -21,8 +21,8 @@ class JobrunnerGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
         # Everything printed passes a redactor: a password that reached a
         # message by a path nobody foresaw is still masked.
-        sys.stdout = redaction.RedactingStream(sys.stdout)  # type: ignore[assignment]
-        sys.stderr = redaction.RedactingStream(sys.stderr)  # type: ignore[assignment]
+        sys.stdout = redaction.RedactingStream(sys.stdout)
+        sys.stderr = redaction.RedactingStream(sys.stderr)
         meta: dict[str, Any] = {}
         try:
             code = super().main(args=args, prog_name=prog_name, standalone_mode=False, obj=meta, **extra)

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ ENV_VARS = {
 CONFIG_ENV = "JOBRUNNER_CONFIG"
 
 
-def _int(minimum: int):
+def _int(minimum: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError("expected a whole number")
@@ -62,7 +62,7 @@ def _int(minimum: int):
     return check
 
 
-def _float(minimum: float, *, strict: bool = False):
+def _float(minimum: float, *, strict: bool = False) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError("expected a number")
@@ -96,7 +96,7 @@ def _str(value: Any) -> str:
     return value
 
 
-def _choice(options: tuple[str, ...]):
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")

@@ -375,8 +375,8 @@ def local_helper(config: Config, run_id: int) -> None:
     that ``cli.main`` gives the leader)."""
     from jobrunner import redaction, report
 
-    sys.stdout = redaction.RedactingStream(sys.stdout)  # type: ignore[assignment]
-    sys.stderr = redaction.RedactingStream(sys.stderr)  # type: ignore[assignment]
+    sys.stdout = redaction.RedactingStream(sys.stdout)
+    sys.stderr = redaction.RedactingStream(sys.stderr)
     config = dataclasses.replace(config, quiet=True, json=False, processes=1, join=False)
     report.setup_logging(config)
     reporter = report.make_reporter(config)

@@ -64,7 +64,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is now, so that rich's live progress,
     which redirects it, can keep log lines from tearing the bar."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> IO[str]:
         return sys.stderr
 
