@@ -1,0 +1,131 @@
+"""The transaction driver in-process, on real databases: a COMMIT whose reply
+never arrives, settled by looking, never by guessing. Every effect exactly once.
+
+The session commits for real and then raises the error a connection that died
+after COMMIT's reply left the server raises; or raises it before COMMIT was
+sent. Only a lookup (PostgreSQL's transaction status, or the item's resume
+key) can tell the two apart: redoing the first applies the item twice, and
+not redoing the second loses it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import psycopg2
+import pytest
+from sqlalchemy import exc, text
+from test_integration_guard import open_db
+
+from jobrunner import history
+from jobrunner.feed import MemoryFeed
+from jobrunner.locking import RunFence
+from jobrunner.outage import Outage
+from jobrunner.progress import Progress
+from jobrunner.stop import Stop
+from jobrunner.transaction import TxidCheck, Unit
+
+
+def lost_connection() -> exc.OperationalError:
+    error = exc.OperationalError(
+        "COMMIT", {}, psycopg2.OperationalError("server closed the connection unexpectedly")
+    )
+    error.connection_invalidated = True
+    return error
+
+
+class LosesOneCommitReply:
+    """Wraps a session's commit once: ``reached`` says whether the COMMIT reached
+    the server before the connection 'died'."""
+
+    def __init__(self, session, *, reached: bool) -> None:
+        self.session, self.reached, self.done = session, reached, False
+        self.real = session.commit
+        session.commit = self
+
+    def __call__(self) -> None:
+        if self.done:
+            return self.real()
+        self.done = True
+        if self.reached:
+            self.real()
+        raise lost_connection()
+
+
+def drive(database, *, keys=None, commit_check=None, reached: bool):
+    """One item through the real Unit; returns (progress, failures)."""
+    with database.session() as setup:
+        setup.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+        setup.commit()
+
+    def process(ctx, session, item):
+        session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+
+    job = types.SimpleNamespace(process=process, process_batch=None, prepare=None)
+    stop, progress, failures = Stop(), Progress(), []
+    unit = Unit(
+        job=job,
+        ctx=None,
+        feed=MemoryFeed(1, stop.event),
+        fence=RunFence(None, stop),
+        outage=Outage(database.probe, 10),
+        stop=stop,
+        progress=progress,
+        retries=3,
+        keys=keys,
+        on_failure=lambda item, token, error: failures.append((item, error)),
+        commit_check=commit_check,
+    )
+    session = database.session()
+    try:
+        LosesOneCommitReply(session, reached=reached)
+        unit(session, [(7, None)])
+    finally:
+        session.close()
+    return progress.snapshot(), failures
+
+
+def effects(url: str) -> list[int]:
+    from helpers import query
+
+    return [item for (item,) in query(url, "SELECT item FROM effects ORDER BY item")]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("reached", [True, False], ids=["committed", "not-committed"])
+def test_postgresql_settles_a_lost_commit_reply_by_its_transaction_status(pg_url, tmp_path, reached):
+    database = open_db(pg_url, tmp_path)
+    try:
+        snap, failures = drive(database, commit_check=TxidCheck(), reached=reached)
+    finally:
+        database.dispose()
+    assert failures == []
+    assert effects(pg_url) == [7], "the item was applied twice, or lost"
+    assert (snap["succeeded"], snap["commits"]) == (1, 1)
+
+
+@pytest.mark.parametrize("reached", [True, False], ids=["committed", "not-committed"])
+def test_a_lost_commit_reply_is_settled_by_the_items_resume_key(db_url, tmp_path, reached):
+    database = open_db(db_url, tmp_path)
+    try:
+        recorder = history.RunRecorder(database, "job", notice=lambda _text: None)
+        run_id = recorder.start(dry_run=False, workers=1, batch_size=1, lock="none", resumed_from=None)
+        assert run_id is not None
+        snap, failures = drive(database, keys=history.KeyRecorder(run_id, str), reached=reached)
+    finally:
+        database.dispose()
+    assert failures == []
+    assert effects(db_url) == [7], "the item was applied twice, or lost"
+    assert snap["succeeded"] == 1
+
+
+def test_a_lost_commit_reply_nobody_can_look_up_fails_the_item_rather_than_redo_it(sqlite_url, tmp_path):
+    database = open_db(sqlite_url, tmp_path)
+    try:
+        snap, failures = drive(database, reached=True)
+    finally:
+        database.dispose()
+    assert effects(sqlite_url) == [7], "an item in doubt was redone"
+    [(item, error)] = failures
+    assert item == 7 and type(error).__name__ == "CommitInDoubt"
+    assert snap["succeeded"] == 0
