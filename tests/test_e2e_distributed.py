@@ -177,15 +177,29 @@ def test_when_the_leader_dies_helpers_stop_and_resume_finishes_the_rest(cli, spa
         "-b",
         "5",
         "--param",
-        "n=2000",
+        "n=1000",
         "--param",
-        "sleep=0.01",
+        "sleep=0.03",
         "--heartbeat",
         "0.2",
     )
     wait_for_rows(pg_url, "batch_rows", minimum=20)
+    # Items no more than the work table's bound, so the leader has fed them all
+    # before it dies, and as slow in the helper as in the leader (params are
+    # per process): a fast helper could finish the run before the kill.
     helper = spawn(
-        "run", "batch", "--database-url", pg_url, "--join", "-b", "5", "--heartbeat", "0.2", "--json"
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        "sleep=0.03",
+        "--heartbeat",
+        "0.2",
+        "--json",
     )
     time.sleep(1.5)
     leader.send_signal(signal.SIGKILL)
@@ -206,7 +220,7 @@ def test_when_the_leader_dies_helpers_stop_and_resume_finishes_the_rest(cli, spa
         "-b",
         "5",
         "--param",
-        "n=2000",
+        "n=1000",
         "--resume",
         "--processes",
         "2",
@@ -215,7 +229,7 @@ def test_when_the_leader_dies_helpers_stop_and_resume_finishes_the_rest(cli, spa
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert "took over" in out.stderr and summary["skipped"] == 0
-    items_once(pg_url, 2000)
+    items_once(pg_url, 1000)
 
 
 def test_no_new_run_while_a_helper_of_an_older_run_can_still_commit(cli, spawn, write_job, pg_url):
