@@ -16,15 +16,32 @@ class Progress:
         self._lock = threading.Lock()
         self.succeeded = self.failed = self.retried = self.skipped = 0
         self.replayed = self.rolled_back = self.commits = 0
+        self.in_flight = 0  # items taken by a worker and not yet settled
+        self._abandoned = False
         self.failures: list[ItemFailure] = []
         self.total: int | None = None
         self.first_item_at: float | None = None
         self.last_item_at: float | None = None
 
-    def started_items(self) -> None:
+    def started_items(self, count: int = 0) -> None:
         with self._lock:
+            self.in_flight += count
             if self.first_item_at is None:
                 self.first_item_at = time.monotonic()
+
+    def settled(self, count: int) -> None:
+        """A chunk taken by ``started_items`` is done with, whatever its end."""
+        with self._lock:
+            self.in_flight -= count
+
+    def abandon(self) -> int:
+        """The run leaves the items still in flight to the database's rollback
+        (--shutdown-timeout): they count as rolled back, now and once."""
+        with self._lock:
+            if not self._abandoned:
+                self._abandoned = True
+                self.rolled_back += max(0, self.in_flight)
+            return self.rolled_back
 
     def committed(self, items: int) -> None:
         with self._lock:
@@ -56,7 +73,8 @@ class Progress:
 
     def roll_back(self, items: int) -> None:
         with self._lock:
-            self.rolled_back += items
+            if not self._abandoned:  # else counted by abandon() already
+                self.rolled_back += items
 
     def skip(self, count: int = 1) -> None:
         with self._lock:

@@ -420,6 +420,8 @@ def summary_line(result: RunResult) -> str:
     batches = ""
     if result.batch_size > 1:
         batches = f", {result.replayed} replayed, {plural(result.commits, 'commit')}"
+    if result.rolled_back:
+        batches += f", {result.rolled_back} rolled back"
     return (
         f"{result.job}: {result.status.value}{dry}: {result.succeeded} succeeded, "
         f"{result.failed} failed, {result.retried} retried, {result.skipped} skipped{batches} "

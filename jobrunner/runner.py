@@ -263,6 +263,7 @@ class _Run:
                 if now - stopped_at > self.config.shutdown_timeout:
                     self.fence.closed.set()
                     self.abandoned = True
+                    self.progress.abandon()
                     self.reporter.notice(
                         f"in-flight items did not finish within {self.config.shutdown_timeout:g}s "
                         "of the stop: they are rolled back"

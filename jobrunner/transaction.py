@@ -125,7 +125,13 @@ class Unit:
         self.commit_check = commit_check if keys is None else None
 
     def __call__(self, session: Session, chunk: list[Entry]) -> None:
-        self.progress.started_items()
+        self.progress.started_items(len(chunk))
+        try:
+            self._settle(session, chunk)
+        finally:
+            self.progress.settled(len(chunk))
+
+    def _settle(self, session: Session, chunk: list[Entry]) -> None:
         work = self._prepare(chunk)
         if not work:
             return

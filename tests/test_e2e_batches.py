@@ -162,7 +162,8 @@ def test_shutdown_timeout_rolls_back_whole_chunks_and_says_how_many(spawn, write
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
     assert code == 143, err
-    json.loads(out)
+    # Two workers, each a chunk of 10 in flight: all of it rolled back, and counted.
+    assert json.loads(out)["rolled_back"] == 20
     assert query(db_url, "SELECT count(*) FROM batch_rows") == [(0,)]
     assert "rolled back" in err
 
