@@ -14,7 +14,7 @@ import click
 
 from jobrunner import __version__, redaction
 from jobrunner import config as configmod
-from jobrunner.exceptions import EX_SIGINT, EX_USAGE, exit_for
+from jobrunner.exceptions import EX_SIGINT, EX_SOFTWARE, EX_USAGE, exit_for
 
 
 class JobrunnerGroup(click.Group):
@@ -42,7 +42,22 @@ class JobrunnerGroup(click.Group):
                 traceback.print_exc()
             code, message = exit_for(error)
             _error(message, meta, code)
+            if code == EX_SOFTWARE:
+                # A bug may leave threads that never end (a worker loop, a pool):
+                # end now, so cron gets the exit code and the database rolls back
+                # whatever they hold.
+                _leave(code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _leave(code: int) -> None:
+    import logging
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _error(message: str, meta: dict[str, Any], code: int = EX_USAGE) -> None:

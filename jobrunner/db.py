@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import threading
 import time
 from pathlib import Path
@@ -216,6 +217,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
     try:
         if dialect == "sqlite":
             path = sqlite_path(url)
+            check_sqlite_workers(pool_size + 1, workers, config.origin("workers"))
             check_sqlite_file(path, create=create, writes=create)
             engine = _sqlite_engine(path, pool_size=pool_size)
         elif family(dialect) == "mysql":
@@ -254,6 +256,30 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
         engine.dispose()
         raise
     return database
+
+
+# Open files a SQLite connection in WAL mode holds (the database, its -wal and
+# -shm files), and files kept for everything else the process opens.
+SQLITE_FILES_PER_CONNECTION = 3
+RESERVED_FILES = 64
+
+
+def check_sqlite_workers(needed: int, workers: int, origin: str) -> None:
+    """Refuse, before any thread starts, a worker count whose connections the
+    process cannot open (SQLite has no server to ask, so ask the process's
+    file limit): the run would fail mid-way with "unable to open database file"
+    or "can't start new thread"."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    connections = max(1, (soft - RESERVED_FILES) // SQLITE_FILES_PER_CONNECTION)
+    if needed > connections:
+        most = max(1, connections - (needed - workers))
+        raise ConfigError(
+            f"{origin} {workers} needs {needed} SQLite connections of {SQLITE_FILES_PER_CONNECTION} open "
+            f"files each, but this process may open {soft} files (ulimit -n): at most {most} workers. "
+            "SQLite's writers take turns, so a few workers do as well as many: use fewer"
+        )
 
 
 def check_connection_slots(conn: Any, needed: int, workers: int, origin: str) -> None:

@@ -59,7 +59,18 @@ class Workers(Generic[S]):
         The producer thread is a daemon: a producer blocked inside ``items()``
         when the run stops must not keep the process alive.
         """
-        self._futures = [self._pool.submit(self._loop) for _ in range(self.count)]
+        wanted, self._futures = self.count, []
+        try:
+            for _ in range(wanted):
+                self._futures.append(self._pool.submit(self._loop))
+        except RuntimeError as error:  # "can't start new thread"
+            # The loops that did start end once their feed is finished (the
+            # caller's cleanup): consumers are only those.
+            self.count = len(self._futures)
+            self._pool.shutdown(wait=False)
+            raise WorkerCrashed(
+                f"could start only {self.count} of {wanted} worker threads ({error}): use fewer workers"
+            ) from error
         self._pool.shutdown(wait=False)  # threads end with their loops; nothing else is submitted
         if produce is not None:
             self._producer = threading.Thread(target=produce, name=f"{self.thread_name}-items", daemon=True)

@@ -284,7 +284,7 @@ def open_run(recorder: RunRecorder, config: Any, *, lock: str, resumable: bool) 
             recorder.notice(f"resuming run {latest}: {len(skip)} items already committed are skipped")
     run_id = recorder.start(
         dry_run=config.dry_run,
-        workers=config.workers,
+        workers=1 if config.dry_run else config.workers,  # a dry run is one transaction in one thread
         batch_size=config.batch_size,
         lock=lock,
         resumed_from=resumed_from,

@@ -25,7 +25,7 @@ from jobrunner import db as dbmod
 from jobrunner import distributed, dryrun, history, jobs, paging, roles, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
-from jobrunner.exceptions import ConfigError, HelpersRemain, JobError, LockHeld, error_line
+from jobrunner.exceptions import ConfigError, HelpersRemain, JobError, LockHeld, WorkerCrashed, error_line
 from jobrunner.executor import Workers
 from jobrunner.feed import Feed, ItemFilter
 from jobrunner.locking import RunFence, _Heartbeat
@@ -243,7 +243,14 @@ class _Run:
             finally:
                 feed.finish(workers.count)
 
-        workers.start(produce_items if self.role.sets_up else None)
+        try:
+            workers.start(produce_items if self.role.sets_up else None)
+        except WorkerCrashed:
+            # The workers that started must end, or the process never exits.
+            self.stop.set(Status.CRASHED, "worker threads could not start")
+            feed.finish(workers.count)
+            workers.wait(self.config.shutdown_timeout)
+            raise
         self._supervise(workers)
         workers.join_producer(timeout=1.0)
         self.role.after_workers()

@@ -99,9 +99,11 @@ def test_dry_runs_are_recorded_but_resume_looks_past_them(cli, write_job, db_url
         == 1
     )
     execute(db_url, "DELETE FROM broken")
-    assert cli("run", "resumable", "--database-url", db_url, "--param", "n=5", "--dry-run").returncode == 0
+    dry = cli("run", "resumable", "--database-url", db_url, "--param", "n=5", "--dry-run", "--workers", "4")
+    assert dry.returncode == 0
     listing = json.loads(cli("history", "--database-url", db_url, "--json").stdout)
     assert [(r["status"], r["dry_run"]) for r in listing] == [("succeeded", True), ("failed", False)]
+    assert listing[0]["workers"] == 1, "a dry run runs in one thread, whatever --workers says"
     out, summary = run_json(cli, "run", "resumable", "--database-url", db_url, "--param", "n=5", "--resume")
     assert out.returncode == 0, out.stderr
     assert (summary["skipped"], summary["succeeded"]) == (4, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,19 @@ def test_usage_errors_exit_2_with_one_line(cli, write_job, sqlite_url, args, fra
     assert len(lines) == 1, out.stderr
     assert fragment in lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_sqlite_refuses_more_workers_than_the_process_can_connect_before_any_thread(cli, write_job, tmp_path):
+    """`--workers 100000` once started ~22,000 threads, failed, and never exited."""
+    write_job("record", RECORD)
+    started = time.monotonic()
+    out = cli("run", "record", "--database-url", "sqlite:///fresh.db", "--workers", "100000", "--json")
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "--workers 100000" in line and "ulimit -n" in line
+    assert json.loads(out.stdout)["exit_code"] == 2
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "fresh.db").exists(), "a refused run created the database"
 
 
 def test_broken_job_module_names_file_and_line(cli, write_job, sqlite_url):

@@ -160,3 +160,34 @@ def test_stuck_workers_do_not_block_the_producer():
     assert pool.wait(0.3) is False
     release.set()
     assert pool.wait(5) is True
+
+
+def test_workers_that_cannot_all_start_say_so_and_the_started_ones_can_end(monkeypatch):
+    """`--workers 100000` once left ~22,000 threads waiting forever on their feed."""
+    import concurrent.futures
+
+    from jobrunner.exceptions import WorkerCrashed
+
+    real_submit = concurrent.futures.ThreadPoolExecutor.submit
+    calls = itertools.count()
+
+    def submit(self, fn, *args, **kwargs):
+        if next(calls) >= 2:
+            raise RuntimeError("can't start new thread")
+        return real_submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", submit)
+    stop = threading.Event()
+    feed = MemoryFeed(4, stop)
+    pool = Workers(
+        workers=5,
+        open_session=Token,
+        close_session=lambda token: None,
+        take=lambda token: feed.take(token, 1),
+        work=lambda token, chunk: None,
+    )
+    with pytest.raises(WorkerCrashed, match="only 2 of 5 worker threads"):
+        pool.start()
+    assert pool.count == 2
+    feed.finish(pool.count)
+    assert pool.wait(5.0), "a started worker never ended"
