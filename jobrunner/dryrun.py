@@ -79,6 +79,16 @@ class ChangeCounter:
     def discard(self) -> None:
         self._pending.__dict__.pop("counts", None)
 
+    def mark(self) -> int:
+        """Where the calling thread's pending counts stand (for :meth:`rewind`)."""
+        return len(self._pending.__dict__.get("counts", []))
+
+    def rewind(self, mark: int) -> None:
+        """A savepoint inside the chunk was rolled back: forget what it counted."""
+        pending = self._pending.__dict__.get("counts")
+        if pending is not None:
+            del pending[mark:]
+
     @staticmethod
     def _classify(statement: str, context: Any) -> tuple[str | None, str | None]:
         compiled = getattr(context, "compiled", None)
@@ -140,6 +150,9 @@ class _Serial:
 
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         return True
+
+    def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
+        pass
 
 
 SERIAL = _Serial()

@@ -44,6 +44,10 @@ class Feed(Protocol):
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         """An item failed alone: record it; False if another process holds it now."""
 
+    def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
+        """Items of a chunk that failed alone, (token, item, repr, error line):
+        recorded in the chunk's own transaction, which still holds their claim."""
+
 
 class MemoryFeed:
     """A bounded queue that wakes the producer only at a low-water mark.
@@ -124,6 +128,9 @@ class MemoryFeed:
 
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         return True  # nobody else can hold it
+
+    def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
+        pass  # failures live in the run's Progress
 
     def _taken(self, count: int) -> None:
         with self._room:

@@ -45,7 +45,7 @@ class RunResult:
     failed: int = 0
     retried: int = 0
     skipped: int = 0
-    replayed: int = 0  # items of failed chunks redone one at a time
+    replayed: int = 0  # items of failed chunks, tried again to isolate their bad items
     rolled_back: int = 0  # items finished but not committed because the run stopped
     commits: int = 0  # item transactions (chunks) committed
     started_at: datetime | None = None

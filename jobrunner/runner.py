@@ -332,9 +332,11 @@ class _Run:
         run_id = self.opening.run_id
         self.reporter.started(self.job.name, total=self.progress.total, progress=self.progress, run_id=run_id)
 
-    def _item_failed(self, item: Any, token: Any, error: BaseException) -> None:
+    def _item_failed(self, item: Any, token: Any, error: BaseException, settled: bool) -> None:
+        """An item failed alone; ``settled``: the feed recorded it already (in
+        the transaction that isolated it)."""
         shown, line = safe_repr(item), error_line(error)
-        if not self.feed.settle_failure(token, item, shown, line):
+        if not settled and not self.feed.settle_failure(token, item, shown, line):
             return  # another process holds the item now: it is theirs
         failed = self.progress.failure(shown, line)
         log.error("item %s failed: %s", shown, line, exc_info=error, extra={"item_failure": True})

@@ -32,6 +32,7 @@ from jobrunner.exceptions import CommitInDoubt, error_line
 from jobrunner.feed import Entry, Feed
 from jobrunner.outage import Kind, Outage, backoff, classify
 from jobrunner.progress import Progress
+from jobrunner.result import safe_repr
 from jobrunner.stop import Stop
 
 log = logging.getLogger("jobrunner")
@@ -101,7 +102,7 @@ class Unit:
         progress: Progress,
         retries: int,
         keys: Keys | None,
-        on_failure: Callable[[Any, Any, BaseException], None],
+        on_failure: Callable[[Any, Any, BaseException, bool], None],
         changes: Any = None,
         watch_sqlite_lock: Callable[[float], bool] | None = None,
         before_commit: Callable[[Session], None] | None = None,
@@ -139,7 +140,7 @@ class Unit:
         if error is None:
             return
         if len(work) == 1:
-            self.on_failure(work[0][0], work[0][1], error)
+            self.on_failure(work[0][0], work[0][1], error, False)
             return
         self.progress.replay(len(work))
         log.info("a chunk of %d items failed (%s): replaying them one at a time", len(work), error)
@@ -149,7 +150,7 @@ class Unit:
             failed = self._transact(session, part, claimed=False)
             if failed is not None:
                 for item, token, _ in part:
-                    self.on_failure(item, token, failed)
+                    self.on_failure(item, token, failed, False)
 
     def _prepare(self, chunk: list[Entry]) -> list[tuple[Any, Any, Any]]:
         """(item, token, value): ``value`` is what ``process`` gets."""
@@ -161,7 +162,7 @@ class Unit:
             try:
                 work.append((item, token, prepare(self.ctx, item)))
             except Exception as error:  # noqa: BLE001 - the job's own code
-                self.on_failure(item, token, error)
+                self.on_failure(item, token, error, False)
         return work
 
     def _transact(self, session: Session, work: list, *, claimed: bool) -> BaseException | None:
@@ -174,6 +175,7 @@ class Unit:
             committing = False
             mark = None
             error: BaseException | None = None
+            good, failed = work, []
             try:
                 if not claimed:
                     work = self._reclaim(session, work)
@@ -181,15 +183,19 @@ class Unit:
                         session.rollback()
                         return None
                 claimed = False
-                self._process(session, work)
-                if self.keys is not None:
-                    self.keys.record(session, [item for item, _, _ in work])
+                failed = self._process(session, work)
+                good = [w for w in work if not any(w is f for f, _ in failed)] if failed else work
+                if failed:
+                    self.feed.record_failures(session, [_failure(w, e) for w, e in failed])
+                if self.keys is not None and good:
+                    self.keys.record(session, [item for item, _, _ in good])
                 verdict = self.fence.verdict(epoch)
                 if verdict is Verdict.COMMIT:
                     if self.commit_check is not None:
                         mark = self.commit_check.mark(session)
                     committing = True
-                    self._commit(session, len(work))
+                    self._commit(session, len(good))
+                    self._failed_alone(failed)
                     return None
                 session.rollback()
                 self._discard()
@@ -229,7 +235,7 @@ class Unit:
                 self.progress.roll_back(len(work))
                 return None
             if do is Do.SETTLE and error is not None:
-                return self._in_doubt(session, work, error, mark)
+                return self._in_doubt(session, work, error, mark, good, failed)
             return error  # Do.FAIL or Do.ISOLATE: the caller fails the items or isolates them
 
     def _reclaim(self, session: Session, work: list) -> list:
@@ -240,14 +246,61 @@ class Unit:
         ours = {token for _, token in still}
         return [w for w in work if w[1] in ours]
 
-    def _process(self, session: Session, work: list) -> None:
+    def _process(self, session: Session, work: list) -> list[tuple[Any, BaseException]]:
+        """Run the job's code on ``work`` in the open transaction; the items
+        that failed because of themselves, isolated (and undone) there."""
+        if len(work) == 1:
+            self._run(session, work)
+            return []
+        return self._isolating(session, work, whole=True)
+
+    def _isolating(self, session: Session, part: list, *, whole: bool) -> list[tuple[Any, BaseException]]:
+        """``part`` in a savepoint. If an item's own error fails it, undo just
+        the savepoint and try its halves (attempt.halves), down to single
+        items: the claim and the good items' work stay in the transaction, one
+        bad item costs about 2*log2(n) savepoints, not n transactions. A
+        conflict or the database gone is not the items' fault: it ends the
+        whole attempt (the caller retries, waits or settles as decided)."""
+        undo = self.changes.mark() if self.changes is not None else 0
+        nested = session.begin_nested()
+        try:
+            self._run(session, part)
+            nested.commit()
+            return []
+        except Exception as error:
+            if nested.is_active:
+                nested.rollback()
+            if self.changes is not None:
+                self.changes.rewind(undo)
+            if classify(error) is not Kind.FATAL:
+                raise
+            if whole:
+                self.progress.replay(len(part))
+                log.info(
+                    "a chunk of %d items failed (%s): isolating the bad ones by halves", len(part), error
+                )
+            if len(part) == 1:
+                return [(part[0], error)]
+            found = []
+            for half in attempt.halves(part):
+                found += self._isolating(session, half, whole=False)
+            return found
+
+    def _run(self, session: Session, work: list) -> None:
         if self.batched and (len(work) > 1 or self.job.process is None):
             self.job.process_batch(self.ctx, session, [value for _, _, value in work])
         else:
             for _, _, value in work:
                 self.job.process(self.ctx, session, value)
 
+    def _failed_alone(self, failed: list[tuple[Any, BaseException]]) -> None:
+        """Items isolated in a transaction that committed: their failures
+        were recorded in it, so the feed has nothing more to settle."""
+        for (item, token, _), error in failed:
+            self.on_failure(item, token, error, True)
+
     def _commit(self, session: Session, count: int) -> None:
+        """Commit; ``count`` items of it are the job's (the rest failed alone)."""
         if self.before_commit is not None:
             self.before_commit(session)
         began = None
@@ -257,7 +310,7 @@ class Unit:
         if self.changes is not None:  # a dry run: the savepoint was released
             self.changes.keep()
             self.progress.dry_committed(count)
-        else:
+        elif count:
             self.progress.committed(count)
         if self.watch_sqlite_lock is not None and began is not None:
             if self.watch_sqlite_lock(time.monotonic() - began):
@@ -268,7 +321,13 @@ class Unit:
             self.changes.discard()
 
     def _in_doubt(
-        self, session: Session, work: list, error: BaseException, mark: Any
+        self,
+        session: Session,
+        work: list,
+        error: BaseException,
+        mark: Any,
+        good: list,
+        failed: list[tuple[Any, BaseException]],
     ) -> BaseException | None:
         """The connection died during COMMIT. Look (resume keys, or PostgreSQL's
         transaction status) once the database is back; if nobody can say, fail."""
@@ -283,7 +342,7 @@ class Unit:
                 self.progress.roll_back(len(work))
                 return None
             try:
-                committed = self._look_up(session, work, mark)
+                committed = self._look_up(session, good, mark)
                 session.rollback()
                 break
             except Exception as again:  # noqa: BLE001
@@ -293,15 +352,19 @@ class Unit:
                 error = again
         do = attempt.after_settle(committed)
         if do is Do.DONE:
-            self.progress.committed(len(work))
+            if good:
+                self.progress.committed(len(good))
+            self._failed_alone(failed)
             return None
         if do is Do.REDO:
             return self._transact(session, work, claimed=False)
         return unknown
 
-    def _look_up(self, session: Session, work: list, mark: Any) -> bool | None:
+    def _look_up(self, session: Session, good: list, mark: Any) -> bool | None:
         if self.keys is not None:
-            return self.keys.committed(session, work[0][0])
+            if not good:
+                return True  # only failures were recorded: nothing of the job's to redo
+            return self.keys.committed(session, good[0][0])
         if self.commit_check is not None:
             return self.commit_check.committed(session, mark)
         return None
@@ -325,6 +388,12 @@ class SqliteLockWatch:
                 "work that needs no database in prepare() (see the README's SQLite section)"
             )
         return self.warned
+
+
+def _failure(entry: Any, error: BaseException) -> tuple[Any, Any, str, str]:
+    """(token, item, its repr, the error's line): a failure as the feed records it."""
+    item, token, _ = entry
+    return token, item, safe_repr(item), error_line(error)
 
 
 def _rollback(session: Session) -> None:

@@ -247,6 +247,23 @@ class WorkTableFeed:
         ours = set(session.execute(RECLAIM, {"run_id": self.run_id, "seqs": seqs}).scalars())
         return [entry for entry in chunk if entry[1] in ours]
 
+    def record_failures(self, session: Session, failures: list[tuple[Any, Any, str, str]]) -> None:
+        """In the chunk's transaction, whose claim deleted their rows already."""
+        host, pid = socket.gethostname(), os.getpid()
+        rows = [
+            {
+                "run_id": self.run_id,
+                "seq": token,
+                "item": shown,
+                "payload": encode(item),
+                "error": line,
+                "host": host,
+                "pid": pid,
+            }
+            for token, item, shown, line in failures
+        ]
+        session.execute(insert(tables.failures), rows)
+
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         """An item failed alone: remove its row and record why, in one transaction.
         False if another process holds the row now: it is theirs to settle."""

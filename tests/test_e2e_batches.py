@@ -214,3 +214,63 @@ def test_dry_run_with_chunks_commits_nothing_and_counts_exactly(cli, write_job, 
     assert (summary["succeeded"], summary["failed"], summary["commits"]) == (499, 1, 0)
     assert summary["changes"] == {"batch_rows": {"insert": 499, "update": 0, "delete": 0}}
     assert query(db_url, "SELECT count(*) FROM batch_rows") == [(0,)]
+
+
+COUNTED = """
+\"\"\"process_batch says how many items each try had; poisoned items raise.\"\"\"
+from sqlalchemy import text
+
+BATCH_SIZE = 64
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS batch_rows (item INTEGER PRIMARY KEY)"))
+
+def items(ctx, session):
+    return range(64)
+
+def process_batch(ctx, session, items):
+    with open("tries.log", "a") as log:
+        log.write(f"{len(items)}\\n")
+    poison = {int(i) for i in filter(None, ctx.params.get("poison", "").split(","))}
+    session.execute(text("INSERT INTO batch_rows VALUES (:i)"), [{"i": i} for i in items])
+    bad = poison.intersection(items)
+    if bad:
+        raise ValueError(f"items {sorted(bad)} are poisoned")
+"""
+
+
+@pytest.mark.parametrize(
+    ("poison", "tries"),
+    [
+        ((), 1),
+        ((40,), 1 + 2 * 6),  # one bad item in 64: two halves a level, six levels
+        ((5, 40), 1 + 2 + 2 * 2 * 5),  # its own half each, then five levels each
+        (tuple(range(64)), 127),  # every part fails: the whole binary tree
+    ],
+    ids=["none", "one", "two", "all"],
+)
+def test_a_failed_chunk_is_split_in_halves_down_to_its_bad_items(
+    cli, write_job, db_url, tmp_path, poison, tries
+):
+    write_job("counted", COUNTED)
+    out, summary = run_json(
+        cli,
+        "run",
+        "counted",
+        "--database-url",
+        db_url,
+        "-w",
+        "1",
+        "--param",
+        f"poison={','.join(map(str, poison))}",
+    )
+    assert out.returncode == (1 if poison else 0), out.stderr
+    assert (summary["succeeded"], summary["failed"]) == (64 - len(poison), len(poison))
+    assert sorted(int(f["item"]) for f in summary["failures"]) == list(poison)
+    items_once(db_url, [i for i in range(64) if i not in poison])
+    sizes = [int(line) for line in (tmp_path / "tries.log").read_text().split()]
+    assert len(sizes) == tries, sizes
+    assert summary["replayed"] == (64 if poison else 0)
+    assert summary["commits"] == (1 if len(poison) < 64 else 0), (
+        "the good items commit in the chunk's transaction"
+    )

@@ -442,3 +442,34 @@ def test_a_join_helper_told_to_stop_honours_the_shutdown_timeout(spawn, write_jo
     rows = query(pg_url, "SELECT item, pid FROM batch_rows ORDER BY item")
     assert [item for item, _ in rows] == list(range(40)), "an item was lost or done twice"
     assert helper.pid not in {pid for _, pid in rows}, "an abandoned item committed"
+
+
+def test_one_bad_item_costs_one_chunks_isolation_in_a_distributed_run(cli, write_job, pg_url):
+    """The failed chunk keeps its claim while it isolates the bad item: its
+    items are not released, claimed again by others and failed there again."""
+    write_job("batch", BATCH)
+    out = cli(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--processes",
+        "2",
+        "-w",
+        "2",
+        "-b",
+        "500",
+        "--param",
+        "n=6000",
+        "--param",
+        "poison=1234",
+        "--json",
+    )
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (5999, 1)
+    assert [f["item"] for f in summary["failures"]] == ["1234"]
+    assert summary["replayed"] == 500, "the bad item's chunk was replayed more than once"
+    assert summary["retried"] == 0
+    rows = query(pg_url, "SELECT item FROM batch_rows ORDER BY item")
+    assert [item for (item,) in rows] == [i for i in range(6000) if i != 1234]

@@ -73,7 +73,7 @@ def drive(database, *, keys=None, commit_check=None, reached: bool):
         progress=progress,
         retries=3,
         keys=keys,
-        on_failure=lambda item, token, error: failures.append((item, error)),
+        on_failure=lambda item, token, error, settled: failures.append((item, error)),
         commit_check=commit_check,
     )
     session = database.session()
