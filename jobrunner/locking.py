@@ -536,13 +536,17 @@ def try_lock(session: Any, job: str, mode: str) -> bool:
             # A session lock, not a transaction's: released by RELEASE_LOCK or
             # when the connection ends (see Guard._let_go).
             return session.scalar(select(func.get_lock(mysql_lock_name(job), 0))) == 1
-        if mode == "advisory":
-            return bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(job)))))
         if mysql_family:
             row = session.execute(
                 select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(nowait=True)
             ).first()
             return row is not None
+        # PostgreSQL: the advisory key in either mode, so that a run under the row
+        # lock and one under the advisory lock (a distributed run's leader
+        # always takes it, see roles.Leading) exclude each other.
+        advisory = bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(job)))))
+        if mode == "advisory" or not advisory:
+            return advisory
         row = session.execute(
             select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(skip_locked=True)
         ).first()

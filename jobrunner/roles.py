@@ -18,6 +18,7 @@ A dry run is a Single run whose run is rolled back (see ``dryrun.py``).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from jobrunner.worktable import WorkTableFeed
 
 if TYPE_CHECKING:
     from jobrunner.runner import _Run
+
+log = logging.getLogger("jobrunner")
 
 
 class Single:
@@ -50,6 +53,9 @@ class Single:
         return self.run
 
     # -- the right to commit ----------------------------------------------------------
+    def lock_mode(self) -> str:
+        return self.r.config.lock
+
     def hold(self) -> contextlib.AbstractContextManager[Any]:
         """The job's lock for the whole run (raises LockHeld if it is taken)."""
         r = self.r
@@ -59,7 +65,7 @@ class Single:
         return Guard(
             r.database,
             r.job.name,
-            mode=r.config.lock,
+            mode=self.lock_mode(),
             wait=r.config.wait_lock,
             heartbeat=r.config.heartbeat,
             on_lost=lambda why: r.stop.set(Status.LOCK_LOST, f"lock lost: {why}; nothing commits after this"),
@@ -133,6 +139,20 @@ class Leading(Single):
     @property
     def must_feed(self) -> bool:  # type: ignore[override]
         return self.leader is None or self.leader.must_feed
+
+    def lock_mode(self) -> str:
+        """Always the advisory lock: a row lock gives the lock's transaction an
+        id for the whole run, and that id holds back VACUUM of every table,
+        the work table first (measured: 476,400 of its dead rows not
+        removable after 40 s). The advisory lock excludes the same runs."""
+        r = self.r
+        if r.config.lock == "row" and "lock" in r.config.origins:
+            log.info(
+                '%s: a distributed run takes the job\'s lock as an advisory lock (lock = "row" applies '
+                "to single-process runs): a row lock would hold back VACUUM for the whole run",
+                r.config.origin("lock"),
+            )
+        return "advisory"
 
     def open(self) -> None:
         super().open()

@@ -473,3 +473,26 @@ def test_one_bad_item_costs_one_chunks_isolation_in_a_distributed_run(cli, write
     assert summary["retried"] == 0
     rows = query(pg_url, "SELECT item FROM batch_rows ORDER BY item")
     assert [item for (item,) in rows] == [i for i in range(6000) if i != 1234]
+
+
+def test_a_distributed_runs_lock_holds_no_transaction_id_and_still_excludes_row_lock_runs(
+    cli, spawn, write_job, pg_url
+):
+    """A row lock's transaction id would hold back VACUUM of the work table for
+    the whole run; the advisory lock the leader takes instead excludes a plain
+    (row-lock) start all the same."""
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run", "batch", "--database-url", pg_url, "--join", "--param", "n=400", "--param", "sleep=0.05"
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=5)
+    [(state, xid)] = query(
+        pg_url,
+        "SELECT state, backend_xid::text FROM pg_stat_activity WHERE application_name = 'jobrunner batch lock'",
+    )
+    assert state == "idle in transaction" and xid is None, (state, xid)
+    plain = cli("run", "batch", "--database-url", pg_url, "--param", "n=400")
+    assert plain.returncode == 75, plain.stderr
+    assert "already running" in plain.stderr
+    leader.kill()
+    finish(leader)
