@@ -132,7 +132,7 @@ def halves(part: list[T]) -> list[list[T]]:
     two halves, recursively, so the good items stay in parts that succeed.
     One bad item among n costs about 2*log2(n) tries instead of n."""
     middle = (len(part) + 1) // 2
-    return [part[:middle], part[middle:]]
+    return [half for half in (part[:middle], part[middle:]) if half]
 
 
 def isolate(items: int) -> list[int]:
@@ -141,3 +141,48 @@ def isolate(items: int) -> list[int]:
     parts tried again, each in a transaction of its own. One item per
     transaction (Spring Batch's scan), so only the items that fail alone fail."""
     return [1] * items
+
+
+# Clean commits at one chunk size before a worker lets it grow.
+GROW_AFTER = 4
+
+
+class ChunkSize:
+    """One worker's chunk size under contention, as TCP sizes its window: a
+    conflict halves it (down to 1) and remembers the half as a threshold;
+    after GROW_AFTER clean commits it doubles up to the threshold, then grows
+    by one item at a time, never above the ceiling (--batch-size). A chunk of
+    hot-row items holds every item's locks until its commit, and one conflict
+    throws all of it away: smaller chunks hold fewer locks for less time, so
+    they conflict less, and lose less when they do; growing slowly past the
+    size that last conflicted keeps the worker from finding that size again
+    at once. Fixed (``adapt=False``) it stays at the ceiling."""
+
+    def __init__(self, ceiling: int, *, adapt: bool = True) -> None:
+        self.ceiling = ceiling
+        self.adapt = adapt
+        self.size = ceiling
+        self.threshold = ceiling
+        self._clean = 0
+
+    def conflict(self) -> int:
+        """A chunk failed on a conflict: the size to go on with."""
+        if self.adapt:
+            self.size = self.threshold = max(1, self.size // 2)
+            self._clean = 0
+        return self.size
+
+    def committed(self, items: int) -> None:
+        """A chunk of ``items`` committed at the first try."""
+        if not self.adapt or self.size >= self.ceiling or items < self.size:
+            return
+        self._clean += 1
+        if self._clean >= GROW_AFTER:
+            grown = min(self.size * 2, self.threshold) if self.size < self.threshold else self.size + 1
+            self.size = min(self.ceiling, max(grown, self.size + 1))
+            self._clean = 0
+
+
+def parts(work: list[T], size: int) -> list[list[T]]:
+    """``work`` cut into parts of at most ``size``, in order."""
+    return [work[start : start + size] for start in range(0, len(work), max(1, size))]

@@ -169,8 +169,14 @@ def cli() -> None:
     "-b",
     "--batch-size",
     type=click.IntRange(min=1),
-    help="Items per transaction (default 1; a job may set BATCH_SIZE). A failed batch is "
-    "replayed one item at a time.",
+    help="Items per transaction, at most (default 1; a job may set BATCH_SIZE). A failed batch "
+    "isolates its bad items by halves; under conflicts the batch shrinks, and grows back.",
+)
+@click.option(
+    "--fixed-batch-size",
+    is_flag=True,
+    default=None,
+    help="Keep every batch at --batch-size, even under conflicts.",
 )
 @click.option(
     "-P",

@@ -114,6 +114,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "lock": (_choice(LOCK_MODES), "both"),
     "isolation": (_choice(ISOLATION_LEVELS), "both"),
     "batch_size": (_int(1), "both"),
+    "fixed_batch_size": (_bool, "both"),
     "processes": (_int(1), "both"),
     "join": (_bool, "both"),
     "outage_timeout": (_float(0), "both"),
@@ -139,6 +140,7 @@ class Config:
     job: str | None = None
     workers: int = 4
     batch_size: int = 1
+    fixed_batch_size: bool = False  # True: chunks stay at batch_size under conflicts
     processes: int = 1  # more than 1, or join: a distributed run (PostgreSQL)
     join: bool = False
     isolation: str | None = None  # None: the database's safe default (see db.py)

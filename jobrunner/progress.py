@@ -17,6 +17,7 @@ class Progress:
         self.succeeded = self.failed = self.retried = self.skipped = 0
         self.replayed = self.rolled_back = self.commits = 0
         self.in_flight = 0  # items taken by a worker and not yet settled
+        self.chunks: list[int] = [0, 0, 0, 0]  # committed chunks: count, items, smallest, largest
         self._abandoned = False
         self.failures: list[ItemFailure] = []
         self.total: int | None = None
@@ -62,6 +63,19 @@ class Progress:
             if len(self.failures) < MAX_FAILURES_LISTED:
                 self.failures.append(ItemFailure(item_repr, error_line))
             return self.failed
+
+    def chunk(self, items: int) -> None:
+        """A chunk of ``items`` committed (its size, whatever failed in it)."""
+        with self._lock:
+            count, total, low, high = self.chunks
+            self.chunks = [count + 1, total + items, min(low, items) if count else items, max(high, items)]
+
+    def chunk_sizes(self) -> dict[str, float] | None:
+        with self._lock:
+            count, total, low, high = self.chunks
+        if not count:
+            return None
+        return {"min": low, "max": high, "mean": round(total / count, 1)}
 
     def retry(self, items: int) -> None:
         with self._lock:

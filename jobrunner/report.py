@@ -420,6 +420,9 @@ def summary_line(result: RunResult) -> str:
     batches = ""
     if result.batch_size > 1:
         batches = f", {result.replayed} replayed, {plural(result.commits, 'commit')}"
+        sizes = result.chunk_sizes
+        if sizes and sizes["min"] < result.batch_size:
+            batches += f" (chunks of {sizes['min']:g} to {sizes['max']:g} items, mean {sizes['mean']:g})"
     if result.rolled_back:
         batches += f", {result.rolled_back} rolled back"
     return (

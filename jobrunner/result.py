@@ -57,6 +57,8 @@ class RunResult:
     failures: tuple[ItemFailure, ...] = ()
     # {"table": {"insert": n, "update": n, "delete": n}}, dry runs only
     changes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # {"min": n, "max": n, "mean": x} over the chunks this process committed
+    chunk_sizes: dict[str, float] | None = None
     error: str | None = None  # why the run ended early, when it did
     signal: int | None = None  # the signal that interrupted it
     holder: dict[str, Any] | None = None  # who holds the lock, for LOCKED
@@ -128,6 +130,8 @@ class RunResult:
             "error": self.error,
             "failures": [f.as_dict() for f in self.failures[:MAX_FAILURES_LISTED]],
         }
+        if self.batch_size > 1:
+            out["chunk_sizes"] = self.chunk_sizes
         if self.dry_run:
             out["changes"] = self.changes
         if self.holder is not None:

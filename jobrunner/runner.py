@@ -215,14 +215,14 @@ class _Run:
                 return False
 
     def _fan_out(self) -> None:
-        size = self.config.batch_size
         self.feed = feed = self.role.feed()
+        unit = self._unit(feed)
         workers = Workers(
             workers=self.config.workers,
             open_session=self.database.session,
             close_session=Session.close,
-            take=lambda session: feed.take(session, size),
-            work=self._unit(feed),
+            take=lambda session: feed.take(session, unit.chunk_size().size),
+            work=unit,
             pause=lambda: not self.outage.active or self.outage.wait(),
             thread_name=self.role.thread_name(),
         )
@@ -314,6 +314,8 @@ class _Run:
             watch_sqlite_lock=SqliteLockWatch(self.reporter.notice) if watch else None,
             before_commit=None if self.config.dry_run else self.checkpoints.in_transaction,
             commit_check=self._commit_check(),
+            batch_size=self.config.batch_size,
+            adapt=not self.config.fixed_batch_size,
         )
 
     def _commit_check(self) -> TxidCheck | None:
@@ -376,6 +378,7 @@ class _Run:
             workers=1 if self.config.dry_run else self.config.workers,
             batch_size=self.config.batch_size,
             changes=self.changes.report() if self.changes else {},
+            chunk_sizes=self.progress.chunk_sizes(),
             **extra,
             error=message,
             signal=self.stop.signal,

@@ -18,6 +18,7 @@ chunk's savepoint, and the whole run's transaction is rolled back at the end.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from jobrunner import attempt
-from jobrunner.attempt import Do, Verdict
+from jobrunner.attempt import ChunkSize, Do, Verdict
 from jobrunner.db import BEGAN_INFO
 from jobrunner.exceptions import CommitInDoubt, error_line
 from jobrunner.feed import Entry, Feed
@@ -107,6 +108,8 @@ class Unit:
         watch_sqlite_lock: Callable[[float], bool] | None = None,
         before_commit: Callable[[Session], None] | None = None,
         commit_check: TxidCheck | None = None,
+        batch_size: int = 1,
+        adapt: bool = True,
     ) -> None:
         self.job = job
         self.ctx = ctx
@@ -122,6 +125,8 @@ class Unit:
         self.watch_sqlite_lock = watch_sqlite_lock
         self.before_commit = before_commit  # bookkeeping that rides along (SQLite checkpoints)
         self.batched = job.process_batch is not None
+        self.batch_size, self.adapt = batch_size, adapt
+        self._sizes = threading.local()  # each worker thread's ChunkSize
         # Resume keys settle a commit in doubt already; else the database may.
         self.commit_check = commit_check if keys is None else None
 
@@ -132,11 +137,20 @@ class Unit:
         finally:
             self.progress.settled(len(chunk))
 
+    def chunk_size(self) -> ChunkSize:
+        """The calling worker thread's chunk size (what it takes next)."""
+        size = getattr(self._sizes, "size", None)
+        if size is None:
+            size = self._sizes.size = ChunkSize(self.batch_size, adapt=self.adapt)
+        return size
+
     def _settle(self, session: Session, chunk: list[Entry]) -> None:
         work = self._prepare(chunk)
-        if not work:
-            return
-        error = self._transact(session, work, claimed=True)
+        if work:
+            self._finish(session, work, claimed=True)
+
+    def _finish(self, session: Session, work: list, *, claimed: bool) -> None:
+        error = self._transact(session, work, claimed=claimed)
         if error is None:
             return
         if len(work) == 1:
@@ -196,6 +210,9 @@ class Unit:
                     committing = True
                     self._commit(session, len(good))
                     self._failed_alone(failed)
+                    self.progress.chunk(len(work))
+                    if tally.retries == 0:
+                        self.chunk_size().committed(len(work))
                     return None
                 session.rollback()
                 self._discard()
@@ -229,6 +246,13 @@ class Unit:
                 tally.retries += 1
                 self.progress.retry(len(work))
                 log.info("retrying %d item(s) after %s", len(work), error_line(error) if error else "?")
+                size = self.chunk_size().conflict() if len(work) > 1 else len(work)
+                if size < len(work):
+                    # Smaller chunks from now on, this one included: the smaller
+                    # chunk is the remedy, so no backoff first.
+                    for part in attempt.parts(work, size):
+                        self._finish(session, part, claimed=False)
+                    return None
                 time.sleep(backoff(tally.retries))
                 continue
             if do is Do.ROLL_BACK:

@@ -274,3 +274,48 @@ def test_a_failed_chunk_is_split_in_halves_down_to_its_bad_items(
     assert summary["commits"] == (1 if len(poison) < 64 else 0), (
         "the good items commit in the chunk's transaction"
     )
+
+
+HOT = """
+\"\"\"Each item adds one to one of 64 hot counters and records itself: a chunk of 50
+touches most of them, a single item one.\"\"\"
+import random
+import time
+from sqlalchemy import text
+
+BATCH_SIZE = 50
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS hot (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+    session.execute(text("CREATE TABLE IF NOT EXISTS hot_items (item INTEGER PRIMARY KEY)"))
+    for i in range(64):
+        session.execute(text("INSERT INTO hot VALUES (:i, 0) ON CONFLICT DO NOTHING"), {"i": i})
+
+def items(ctx, session):
+    return range(int(ctx.params.get("n", 2000)))
+
+def process(ctx, session, item):
+    row = random.Random(item).randrange(64)  # scattered, the same in every run
+    session.execute(text("UPDATE hot SET n = n + 1 WHERE id = :i"), {"i": row})
+    session.execute(text("INSERT INTO hot_items VALUES (:i)"), {"i": item})
+    time.sleep(0.001)
+"""
+
+
+@pytest.mark.postgres
+def test_chunks_shrink_under_conflict_and_every_item_commits_once(cli, write_job, pg_url):
+    write_job("hot", HOT)
+    out, summary = run_json(cli, "run", "hot", "--database-url", pg_url, "-w", "8", "--param", "n=2000")
+    assert out.returncode == 0, out.stderr
+    assert (summary["succeeded"], summary["failed"]) == (2000, 0)
+    [(total,)] = query(pg_url, "SELECT sum(n) FROM hot")
+    assert total == 2000, "an update was lost or doubled"
+    [(rows,)] = query(pg_url, "SELECT count(*) FROM hot_items")
+    assert rows == 2000
+    sizes = summary["chunk_sizes"]
+    assert sizes["min"] < 50, sizes
+    # A conflict halves the worker's chunk at once, so each of the 8 workers
+    # spends a few chunks' worth on conflicts, not every chunk (measured: about
+    # 1,450 items retried; with --fixed-batch-size about 6,000, and 2,000 replayed).
+    assert summary["retried"] <= 8 * 50 * 5, summary["retried"]
+    assert summary["replayed"] == 0

@@ -488,7 +488,8 @@ def test_a_distributed_runs_lock_holds_no_transaction_id_and_still_excludes_row_
     wait_for_rows(pg_url, "batch_rows", minimum=5)
     [(state, xid)] = query(
         pg_url,
-        "SELECT state, backend_xid::text FROM pg_stat_activity WHERE application_name = 'jobrunner batch lock'",
+        "SELECT state, backend_xid::text FROM pg_stat_activity "
+        "WHERE application_name = 'jobrunner batch lock'",
     )
     assert state == "idle in transaction" and xid is None, (state, xid)
     plain = cli("run", "batch", "--database-url", pg_url, "--param", "n=400")

@@ -153,3 +153,52 @@ def test_an_error_raised_while_handling_a_conflict_is_classified_by_its_cause():
             raise RuntimeError("the job wrapped it") from conflict
     except RuntimeError as error:
         assert classify(error) is Kind.TRANSIENT
+
+
+# -- chunk sizes under conflict ----------------------------------------------------------------
+def test_a_conflict_halves_the_chunk_size_down_to_one():
+    size = attempt.ChunkSize(50)
+    assert [size.conflict() for _ in range(7)] == [25, 12, 6, 3, 1, 1, 1]
+
+
+def test_the_chunk_size_grows_back_after_clean_commits_never_past_the_ceiling():
+    size = attempt.ChunkSize(50)
+    size.conflict()
+    size.conflict()  # 12, threshold 12
+    grown = []
+    for _ in range(8 * attempt.GROW_AFTER):
+        size.committed(size.size)
+        grown.append(size.size)
+    assert grown[attempt.GROW_AFTER - 1] == 13, "past the threshold it grows one item at a time"
+    assert max(grown) <= 50 and grown == sorted(grown)
+
+
+def test_below_its_threshold_the_chunk_size_doubles_back():
+    size = attempt.ChunkSize(64)
+    for _ in range(6):
+        size.conflict()  # 1, threshold 1
+    size.threshold = 16  # as after a conflict at 32
+    for _ in range(attempt.GROW_AFTER):
+        size.committed(1)
+    assert size.size == 2
+
+
+def test_a_chunk_smaller_than_the_size_or_a_retried_one_does_not_grow_it():
+    size = attempt.ChunkSize(50)
+    size.conflict()
+    for _ in range(10 * attempt.GROW_AFTER):
+        size.committed(3)  # the feed had only 3 items ready: says nothing of 25
+    assert size.size == 25
+
+
+def test_a_fixed_chunk_size_stays_at_the_ceiling():
+    size = attempt.ChunkSize(50, adapt=False)
+    assert size.conflict() == 50
+    size.committed(50)
+    assert size.size == 50
+
+
+def test_parts_cut_work_in_order_and_halves_cover_it():
+    assert attempt.parts(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert attempt.halves(list(range(5))) == [[0, 1, 2], [3, 4]]
+    assert attempt.halves([9]) == [[9]]
