@@ -102,7 +102,10 @@ def test_a_killed_lock_connection_is_taken_again_and_in_flight_items_never_commi
 def test_advisory_mode_is_get_lock(spawn, cli, write_job, mysql_url, tmp_path):
     write_job("two_rows", TWO_ROWS)
     (tmp_path / "jobrunner.toml").write_text('[jobs.two_rows]\nlock = "advisory"\n')
-    holder = spawn("run", "two_rows", "--database-url", mysql_url, "--param", "n=60", "--param", "sleep=0.1")
+    # One worker: about 6 s, so a loser that takes seconds to start on a busy machine still meets it.
+    holder = spawn(
+        "run", "two_rows", "--database-url", mysql_url, "-w", "1", "--param", "n=60", "--param", "sleep=0.1"
+    )
     wait_for_rows(mysql_url, "pairs")
     loser = cli("run", "two_rows", "--database-url", mysql_url)
     assert loser.returncode == 75 and f"pid {holder.pid}" in loser.stderr

@@ -63,7 +63,10 @@ def test_dry_run_summary_on_the_terminal_lists_changes(cli, write_job, sqlite_ur
 
 def test_dry_run_takes_the_lock(spawn, write_job, db_url):
     write_job("two_rows", TWO_ROWS)
-    holder = spawn("run", "two_rows", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.1")
+    # One worker: about 4 s, so a loser that takes seconds to start on a busy machine still meets it.
+    holder = spawn(
+        "run", "two_rows", "--database-url", db_url, "-w", "1", "--param", "n=40", "--param", "sleep=0.1"
+    )
     wait_for_rows(db_url, "pairs")
     code, _, err = finish(spawn("run", "two_rows", "--database-url", db_url, "--dry-run"))
     assert code == 75, err
