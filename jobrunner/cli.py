@@ -23,7 +23,7 @@ class JobrunnerGroup(click.Group):
         # message by a path nobody foresaw is still masked.
         sys.stdout = redaction.RedactingStream(sys.stdout)
         sys.stderr = redaction.RedactingStream(sys.stderr)
-        meta: dict[str, Any] = {}
+        meta: dict[str, Any] = _scan(sys.argv[1:] if args is None else list(args))
         try:
             code = super().main(args=args, prog_name=prog_name, standalone_mode=False, obj=meta, **extra)
         except click.UsageError as error:
@@ -58,6 +58,19 @@ def _leave(code: int) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def _scan(args: list[str]) -> dict[str, Any]:
+    """What the error handler needs even when parsing fails before it reaches
+    the flag: --json anywhere on the line (before ``--``) promises one JSON
+    object on stdout, and the job is the word after ``run``."""
+    words = args[: args.index("--")] if "--" in args else args
+    meta: dict[str, Any] = {"json": "--json" in words}
+    if "run" in words:
+        after = words[words.index("run") + 1 :]
+        if after and not after[0].startswith("-"):
+            meta["job"] = after[0]
+    return meta
 
 
 def _error(message: str, meta: dict[str, Any], code: int = EX_USAGE) -> None:

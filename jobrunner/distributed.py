@@ -249,7 +249,11 @@ class Leader:
         self.row.tick(progress)
         limit = self.config.max_failures
         if limit is not None and not self.stop.is_set():
-            failed = _count(self.database, tables.failures, self.run_id)
+            try:
+                failed = _count(self.database, tables.failures, self.run_id)
+            except Exception as error:  # noqa: BLE001 - counted again at the next tick
+                log.info("cannot count the run's failures: %s", error_line(error))
+                return
             if failed > limit:
                 self.stop.set(Status.ABORTED, f"aborted: more than {limit} items failed")
 

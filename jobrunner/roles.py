@@ -23,8 +23,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from jobrunner import distributed, history
+from jobrunner.exceptions import first_line
 from jobrunner.feed import Feed, MemoryFeed
 from jobrunner.locking import Guard, HelperFence
+from jobrunner.outage import Kind, classify
 from jobrunner.result import Status
 from jobrunner.worktable import WorkTableFeed
 
@@ -200,8 +202,18 @@ class Leading(Single):
             self.leader.request_stop()
 
     def after_workers(self) -> None:
-        if self.leader is not None:
+        if self.leader is None:
+            return
+        try:
             self.totals = self.leader.finish(self.r.progress, timeout=self.r.config.shutdown_timeout + 10)
+        except Exception as error:
+            if classify(error) is not Kind.GONE:
+                raise
+            # The run ends with 69 already; its result counts this process.
+            self.r.reporter.notice(
+                f"cannot total the run over its processes (the database is gone: {first_line(error)}): "
+                "the counts are this process's"
+            )
 
     def counts(self, snap: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.leader is None or self.totals is None:

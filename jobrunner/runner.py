@@ -25,7 +25,15 @@ from jobrunner import db as dbmod
 from jobrunner import distributed, dryrun, history, jobs, paging, roles, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
-from jobrunner.exceptions import ConfigError, HelpersRemain, JobError, LockHeld, WorkerCrashed, error_line
+from jobrunner.exceptions import (
+    ConfigError,
+    DatabaseUnavailable,
+    HelpersRemain,
+    JobError,
+    LockHeld,
+    WorkerCrashed,
+    error_line,
+)
 from jobrunner.executor import Workers
 from jobrunner.feed import Feed, ItemFilter
 from jobrunner.locking import RunFence, _Heartbeat
@@ -241,7 +249,10 @@ class _Run:
             except Exception as error:  # noqa: BLE001 - the job's own code
                 self._failed("items()", error)
             finally:
-                feed.finish(workers.count)
+                try:
+                    feed.finish(workers.count)
+                except Exception as error:  # noqa: BLE001 - a thread's error must reach the run
+                    self._failed("the end of feeding", error)
 
         try:
             workers.start(produce_items if self.role.sets_up else None)
@@ -352,6 +363,10 @@ class _Run:
         if isinstance(error, ConfigError):
             self.config_error = error  # raised after the run is recorded: one line, exit 2
             self.stop.set(Status.FAILED, str(error))
+            return
+        if isinstance(error, DatabaseUnavailable):
+            self.stop.set(Status.UNAVAILABLE, str(error))
+            log.info("%s", error)  # the outage has said why, once
             return
         if classify(error) is Kind.GONE:
             message = f"the database went away while {what} ran: {error_line(error)}"

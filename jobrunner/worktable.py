@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from jobrunner import tables
 from jobrunner.db import Database
-from jobrunner.exceptions import ItemNotPortable
+from jobrunner.exceptions import DatabaseUnavailable, ItemNotPortable, first_line
 from jobrunner.feed import Entry
 from jobrunner.outage import Kind, Outage, classify
 from jobrunner.result import Status
@@ -178,9 +178,17 @@ class WorkTableFeed:
         self._feeder().feed(items, accept)
 
     def finish(self, consumers: int) -> None:
-        """Fed or not: the helpers finish what was fed, then leave."""
-        if self._mark_fed_all is not None:
+        """Fed or not: the helpers finish what was fed, then leave. With the
+        database gone past the outage bound there is no one to tell: the run
+        is ending with 69 already, and its helpers leave with their fence."""
+        if self._mark_fed_all is None:
+            return
+        try:
             self._mark_fed_all()
+        except Exception as error:
+            if classify(error) is not Kind.GONE:
+                raise
+            log.info("cannot mark the work table fed: %s", first_line(error))
 
     def take(self, session: Session, limit: int) -> list[Entry] | None:
         while not self.stop.is_set():
@@ -200,7 +208,7 @@ class WorkTableFeed:
                 # The chunk's transaction is open: the unit of work carries on in it.
                 return [(decode(item), seq) for seq, item in sorted(rows)]
             session.rollback()
-            if retry_gone(self.outage, self._finished):
+            if self._gone_or(self._finished, gone=True):
                 return None
             self.stop.wait(POLL_S)
         return None
@@ -286,7 +294,19 @@ class WorkTableFeed:
                 )
                 return True
 
-        return retry_gone(self.outage, settle)
+        # With the database gone past the bound the row stays in the table:
+        # the run ends with 69, and a resume takes the item over.
+        return self._gone_or(settle, gone=False)
+
+    def _gone_or(self, action: Callable[[], bool], *, gone: bool) -> bool:
+        """``action()``, waiting out an outage; ``gone`` once the database
+        stayed away past the bound (the run is ending with 69)."""
+        try:
+            return retry_gone(self.outage, action)
+        except Exception as error:
+            if classify(error) is not Kind.GONE:
+                raise
+            return gone
 
     def _finished(self) -> bool:
         """No more work for this process? Helpers leave once everything is fed
@@ -364,23 +384,27 @@ class Feeder:
     def _flush(self, rows: list[dict[str, Any]]) -> bool:
         if not rows:
             return not self.stop.is_set()
-        while retry_gone(self.outage, self._unclaimed) >= self.bound:
-            if self.stop.wait(POLL_S):
+        try:
+            while retry_gone(self.outage, self._unclaimed) >= self.bound:
+                if self.stop.wait(POLL_S):
+                    return False
+            if self.stop.is_set():
                 return False
-        if self.stop.is_set():
-            return False
-
-        def write() -> None:
-            with self.database.bookkeeping() as session, session.begin():
-                _copy_rows(session, rows)
-                session.execute(
-                    update(tables.runs)
-                    .where(tables.runs.c.id == self.run_id)
-                    .values(fed=tables.runs.c.fed + len(rows))
-                )
-
-        retry_gone(self.outage, write)
+            retry_gone(self.outage, lambda: self._write(rows))
+        except Exception as error:
+            if classify(error) is not Kind.GONE:
+                raise
+            # The feeder's own statements, not items(): say so.
+            raise DatabaseUnavailable(
+                f"the database went away while the leader fed the work table: {first_line(error)}"
+            ) from error
         return True
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with self.database.bookkeeping() as session, session.begin():
+            _copy_rows(session, rows)
+            fed = tables.runs.c.fed + len(rows)
+            session.execute(update(tables.runs).where(tables.runs.c.id == self.run_id).values(fed=fed))
 
     def _unclaimed(self) -> int:
         """Unclaimed rows among the recent ones: claims go in seq order lane by

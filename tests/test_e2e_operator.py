@@ -235,3 +235,22 @@ def test_a_held_lock_leaves_no_error_in_the_server_log(cli, spawn, write_job, pg
     assert cli("status", "--database-url", pg_url).returncode == 0
     assert finish(holder)[0] == 0
     assert "could not obtain lock" not in pg_server_log.read_text()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "record", "--frob", "--json"],
+        ["run", "record", "--json", "--workers"],
+        ["--json", "frobnicate"],
+    ],
+    ids=["unknown-option-before-json", "missing-value-after-json", "unknown-command"],
+)
+def test_json_anywhere_on_a_line_that_click_refuses_still_prints_one_object(cli, write_job, args):
+    write_job("record", RECORD)
+    out = cli(*args)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stdout.splitlines()
+    summary = json.loads(line)
+    assert summary["status"] == "error" and summary["exit_code"] == 2 and summary["error"]
+    assert len(out.stderr.strip().splitlines()) == 1

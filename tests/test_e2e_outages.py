@@ -315,3 +315,36 @@ def test_vacuum_during_a_long_run_depends_on_how_items_are_read(
         assert kept == 1000, f"a streaming cursor should pin the snapshot: removed {removed}, kept {kept}"
     else:
         assert (removed, kept) == (1000, 0), f"paged() pinned a snapshot: removed {removed}, kept {kept}"
+
+
+def test_an_outage_past_the_bound_ends_a_distributed_run_with_69_and_one_line(
+    spawn, write_job, own_pg, own_pg_url
+):
+    """Seen under cron: exit 70 and a 129-line traceback from the feeder's own
+    statements, no end line, and history that could only say crashed."""
+    write_job("paged", PAGED)
+    run = spawn(
+        "run",
+        "paged",
+        "--database-url",
+        own_pg_url,
+        "--join",
+        "--param",
+        "n=20000",
+        "--outage-timeout",
+        "2",
+        "--max-failures",
+        "100",
+        "--json",
+    )
+    wait_for_rows(own_pg_url, "effects", minimum=50)
+    own_pg.pg_ctl("-m", "fast", "-w", "stop")
+    t0 = time.monotonic()
+    code, out, err = finish(run)
+    assert code == 69, err
+    assert time.monotonic() - t0 < 20
+    assert "Traceback" not in err and "internal error" not in err, err
+    summary = json.loads(out)
+    assert summary["status"] == "unavailable" and "--outage-timeout 2s" in summary["error"], summary
+    assert summary["exit_code"] == 69
+    assert any(line.split(" ", 1)[-1].startswith("paged: unavailable: ") for line in err.splitlines()), err
