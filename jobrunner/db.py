@@ -485,6 +485,28 @@ def lock_database_path(url: str, job: str) -> str:
     return f"{sqlite_path(url)}.{job}.lock"
 
 
+# insufficient_privilege; MySQL: table access denied, database access denied.
+PRIVILEGE_SQLSTATES = {"42501"}
+PRIVILEGE_MYSQL_CODES = {1142, 1044}
+
+
+def refused_or_unavailable(what: str, error: BaseException, url: str | None = None) -> Exception:
+    """A database error where jobrunner's own tables are read or written: a
+    missing privilege is a configuration error (exit 2: trying again later
+    will not help), anything else the database being unavailable (69)."""
+    from jobrunner.outage import mysql_code, sqlstate
+
+    line = describe_error(error, url)
+    if sqlstate(error) in PRIVILEGE_SQLSTATES or mysql_code(error) in PRIVILEGE_MYSQL_CODES:
+        return ConfigError(
+            f"{what}: {line}: the database user needs SELECT, INSERT, UPDATE and DELETE on jobrunner's "
+            "tables (jobrunner_*), and CREATE where they do not exist yet, e.g. "
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO <user> (PostgreSQL) or "
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON <database>.* TO <user> (MySQL)"
+        )
+    return DatabaseUnavailable(f"{what}: {line}")
+
+
 def describe_error(error: BaseException, url: str | None = None) -> str:
     """One line about a database error, without SQL, parameters or passwords
     (``url``'s password is registered first, so it is masked wherever it is)."""

@@ -634,7 +634,7 @@ def _as_jobrunner_error(error: BaseException, url: str) -> BaseException:
     if isinstance(error, NotYet):
         return RunOver(str(error))
     if isinstance(error, exc.DBAPIError):
-        return DatabaseUnavailable(f"cannot take the job's lock: {dbmod.describe_error(error, url)}")
+        return dbmod.refused_or_unavailable("cannot take the job's lock", error, url)
     return error
 
 

@@ -28,8 +28,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from jobrunner.config import Config
-from jobrunner.db import BEGIN_OPTION, Database, describe_error, open_database
-from jobrunner.exceptions import DatabaseUnavailable
+from jobrunner.db import BEGIN_OPTION, Database, open_database, refused_or_unavailable
 
 PREFIX = "jobrunner_"
 # Serialises schema creation between first runs on PostgreSQL, where two
@@ -219,9 +218,7 @@ def ready_database(config: Config, job: str, *, workers: int = 1) -> Iterator[Da
         try:
             ensure_schema(database.own_engine)
         except exc.DBAPIError as error:
-            raise DatabaseUnavailable(
-                f"cannot create jobrunner's tables: {describe_error(error, database.url)}"
-            ) from None
+            raise refused_or_unavailable("cannot create jobrunner's tables", error, database.url) from None
         yield database
     finally:
         database.dispose()
@@ -236,7 +233,7 @@ def existing_database(config: Config, job: str) -> Iterator[Database | None]:
         try:
             ready = has_schema(database)
         except exc.DBAPIError as error:
-            raise DatabaseUnavailable(f"cannot read the database: {describe_error(error)}") from None
+            raise refused_or_unavailable("cannot read the database", error) from None
         yield database if ready else None
     finally:
         database.dispose()

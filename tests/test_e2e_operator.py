@@ -4,6 +4,7 @@ metrics and status tell what ran, where, what it did and why anything stopped.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clean_env, jobrunner_exe
-from helpers import finish, query, wait_for_rows
+from helpers import execute, finish, query, wait_for_rows
 from jobkit import RECORD, RESUMABLE, TWO_ROWS
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ")
@@ -254,3 +255,24 @@ def test_json_anywhere_on_a_line_that_click_refuses_still_prints_one_object(cli,
     summary = json.loads(line)
     assert summary["status"] == "error" and summary["exit_code"] == 2 and summary["error"]
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.postgres
+def test_a_missing_privilege_is_a_configuration_error_not_an_outage(cli, write_job, pg_url):
+    """Exit 69 told cron to try again later, forever: a grant is what it needs."""
+    from sqlalchemy.engine import make_url
+
+    write_job("record", RECORD)
+    assert cli("run", "record", "--database-url", pg_url).returncode == 0  # jobrunner's tables exist
+    role = f"limited_{os.getpid()}"
+    execute(pg_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        limited = make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+        out = cli("run", "record", "--database-url", limited, "--json")
+        assert out.returncode == 2, out.stderr
+        [line] = out.stderr.strip().splitlines()
+        assert "permission denied for table jobrunner_" in line and "GRANT" in line, line
+        assert json.loads(out.stdout)["exit_code"] == 2
+    finally:
+        execute(pg_url, f"DROP OWNED BY {role}")
+        execute(pg_url, f"DROP ROLE {role}")
