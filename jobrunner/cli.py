@@ -248,7 +248,10 @@ def cli() -> None:
     help="How long to wait for a database that went away mid-run before stopping with 69 (default 60).",
 )
 @click.option(
-    "--resume", is_flag=True, help="Skip the items an unfinished previous run committed (needs item_key)."
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Skip the items an unfinished previous run committed (needs item_key; config: resume = true).",
 )
 @click.option(
     "-q", "--quiet", is_flag=True, help="Print nothing on success (for cron); errors still go to stderr."

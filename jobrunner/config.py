@@ -127,6 +127,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "progress_interval": (_float(0, strict=True), "both"),
     "log_file": (_str, "both"),
     "schedule": (_str, "job"),
+    "resume": (_bool, "both"),
 }
 
 
@@ -156,10 +157,12 @@ class Config:
     progress_interval: float = 30.0
     log_file: str | None = None
     schedule: str | None = None
+    # A crashed run is taken up where it stopped (needs item_key); with no
+    # crashed run to resume, a start runs normally.
+    resume: bool = False
     # per-invocation flags, never read from a file
     params: Mapping[str, str] = dataclasses.field(default_factory=dict)
     dry_run: bool = False
-    resume: bool = False
     json: bool = False
     debug: bool = False
     quiet: bool = False

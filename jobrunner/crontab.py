@@ -51,13 +51,21 @@ def lines(config: Config) -> list[str]:
     config_path = config.config_file.absolute()
     extra = carried_options(config)
     out = [f"# jobrunner jobs scheduled in {config_path}"]
-    for name, section in sorted(config.job_sections.items()):
-        schedule = section.get("schedule")
-        if not schedule:
-            continue
+    scheduled = {name: s for name, s in sorted(config.job_sections.items()) if s.get("schedule")}
+    missing = [name for name in scheduled if not (config.jobs_path / f"{name}.py").is_file()]
+    if missing:
+        names = ", ".join(f"[jobs.{name}]" for name in missing)
+        raise ConfigError(
+            f"{config_path}: {names} {'has a' if len(missing) == 1 else 'have'} schedule but no job "
+            f"module in {config.jobs_path.absolute()} ({', '.join(f'{name}.py' for name in missing)}): "
+            "cron would fail every time"
+        )
+    for name, section in scheduled.items():
+        schedule = section["schedule"]
         if len(schedule.split()) != 5 and not schedule.startswith("@"):
             raise ConfigError(f"{config_path}: [jobs.{name}] schedule {schedule!r} is not a crontab schedule")
-        command = [*executable(), "run", name, "--config", str(config_path), *extra, "--quiet"]
+        resume = ["--resume"] if section.get("resume", config.resume) else []
+        command = [*executable(), "run", name, "--config", str(config_path), *extra, *resume, "--quiet"]
         # cron turns an unescaped % into a newline
         out.append(f"{schedule} {shlex.join(command)}".replace("%", "\\%"))
     return out

@@ -267,7 +267,14 @@ class Opening:
     skip_keys: frozenset[str]
 
 
-def open_run(recorder: RunRecorder, config: Any, *, lock: str, resumable: bool) -> Opening:
+def open_run(
+    recorder: RunRecorder,
+    config: Any,
+    *,
+    lock: str,
+    resumable: bool,
+    info: Callable[[str], None] | None = None,
+) -> Opening:
     """Start a run's history, once the lock is held (or without one, under
     --no-lock): mark dead runs crashed, find what --resume skips, add our row."""
     crashed = recorder.mark_crashed(holding_lock=lock != "none")
@@ -277,7 +284,8 @@ def open_run(recorder: RunRecorder, config: Any, *, lock: str, resumable: bool) 
     if config.resume:
         latest, chain = resume_point(recorder.database, recorder.job, before=None)
         if latest is None:
-            recorder.notice(f"nothing to resume: the latest run of {recorder.job} finished")
+            # An ordinary start of a job whose config says resume = true: no warning.
+            (info or recorder.notice)(f"nothing to resume: the latest run of {recorder.job} finished")
         else:
             skip = frozenset(committed_keys(recorder.database, chain))
             resumed_from = latest

@@ -189,6 +189,12 @@ class Reporter:
         if not self.config.quiet:
             self._line(self.stderr, text)
 
+    def info(self, text: str) -> None:
+        """Worth a line, not a warning (an alert on WARNING lines ignores it)."""
+        story.info("%s: %s", self.config.job, text)
+        if not self.config.quiet:
+            self._line(self.stderr, text)
+
     def finished(self, result: RunResult, *, terminal: bool = True) -> None:
         """The run's end: into the log file, and (unless ``terminal`` is
         false) onto the terminal and ``--json``."""

@@ -90,7 +90,9 @@ class Single:
             distributed.Leader.refuse_if_helpers_remain(r.database, r.job.name)
         lock = r.guard.mode if isinstance(r.guard, Guard) else "none"
         resumable = r.job.item_key is not None
-        r.opening = history.open_run(r.recorder, r.config, lock=lock, resumable=resumable)
+        r.opening = history.open_run(
+            r.recorder, r.config, lock=lock, resumable=resumable, info=r.reporter.info
+        )
 
     def close(self, result: Any) -> None:
         """Before the lock is released: the next run must not find this one

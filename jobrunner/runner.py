@@ -53,6 +53,7 @@ class Reporter(Protocol):
     def phase(self, text: str) -> None: ...
     def started(self, job: str, *, total: int | None, progress: Progress, run_id: int | None) -> None: ...
     def notice(self, text: str) -> None: ...
+    def info(self, text: str) -> None: ...
     def finished(self, result: RunResult) -> None: ...
 
 
@@ -66,6 +67,9 @@ class _NullReporter:
     def notice(self, text: str) -> None:
         log.warning(text)
 
+    def info(self, text: str) -> None:
+        log.info(text)
+
     def finished(self, result: RunResult) -> None:
         pass
 
@@ -77,7 +81,9 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
     job = jobs.load(config.jobs_path, config.job)
     config = config.with_job_defaults(job.defaults, str(job.path))
     if config.resume and job.item_key is None:
-        raise JobError(f"--resume: job {job.name!r} defines no item_key(item), so it cannot be resumed")
+        raise JobError(
+            f"{config.origin('resume')}: job {job.name!r} defines no item_key(item), so it cannot be resumed"
+        )
     reporter = reporter or _NullReporter()
     if config.distributed and config.dry_run:
         reporter.notice("a dry run is one transaction in one process: --processes and --join do not apply")

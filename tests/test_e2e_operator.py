@@ -195,6 +195,8 @@ def test_crontab_carries_the_flags_it_was_given_or_refuses(cli, tmp_path):
     config = etc / "jobrunner.toml"
     config.write_text('[jobs.record]\nschedule = "*/5 * * * *"\n')
     other = tmp_path / "otherjobs"
+    other.mkdir()
+    (other / "record.py").write_text(textwrap.dedent(RECORD))
     out = cli(
         "crontab", "--config", str(config), "--jobs-path", str(other), "--database-url", "sqlite:///x.db"
     )
@@ -276,3 +278,30 @@ def test_a_missing_privilege_is_a_configuration_error_not_an_outage(cli, write_j
     finally:
         execute(pg_url, f"DROP OWNED BY {role}")
         execute(pg_url, f"DROP ROLE {role}")
+
+
+def test_crontab_refuses_a_schedule_whose_job_module_does_not_exist(cli, tmp_path):
+    etc = tmp_path / "etc"
+    (etc / "jobs").mkdir(parents=True)
+    (etc / "jobs" / "record.py").write_text(textwrap.dedent(RECORD))
+    config = etc / "jobrunner.toml"
+    config.write_text('[jobs.record]\nschedule = "*/5 * * * *"\n[jobs.gone]\nschedule = "@daily"\n')
+    out = cli("crontab", "--config", str(config))
+    assert out.returncode == 2 and out.stdout == ""
+    [line] = out.stderr.strip().splitlines()
+    assert "[jobs.gone]" in line and "gone.py" in line and "record" not in line
+
+
+def test_resume_true_in_the_config_resumes_under_cron_and_is_carried_into_its_line(cli, write_job, tmp_path):
+    write_job("resumable", RESUMABLE)
+    (tmp_path / "jobrunner.toml").write_text(
+        'database_url = "sqlite:///state.db"\n[jobs.resumable]\nschedule = "*/5 * * * *"\nresume = true\n'
+    )
+    [line] = [x for x in cli("crontab").stdout.splitlines() if not x.startswith("#")]
+    assert " --resume " in line
+    log = tmp_path / "run.log"
+    out = cli("run", "resumable", "--log-file", str(log))
+    assert out.returncode == 0, out.stderr
+    text = log.read_text()
+    assert "nothing to resume" in text
+    assert not any("WARNING" in x for x in text.splitlines() if "nothing to resume" in x), text
