@@ -7,6 +7,8 @@ message.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 EX_OK = 0
 EX_FAILED = 1  # the run finished, some items failed (or it was aborted)
 EX_USAGE = 2
@@ -124,10 +126,17 @@ def error_line(error: BaseException) -> str:
     return redaction.redact(f"{name}: {text}" if text else name)
 
 
+def local_time(when: datetime) -> str:
+    """``2026-12-01 20:11:20 -0500``: a time as the operator reads it, in the
+    machine's zone, with the offset (a time without one is ambiguous across
+    hosts and daylight-saving changes)."""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+
+
 def describe_holder(holder: dict) -> str:
     """`` (pid 4121 on host-a since 12:05:01)`` or empty when nothing is known."""
     if not holder.get("pid"):
         return ""
     since = holder.get("since")
-    when = f" since {since:%Y-%m-%d %H:%M:%S}" if since is not None else ""
+    when = f" since {local_time(since)}" if since is not None else ""
     return f" (pid {holder['pid']} on {holder.get('host', '?')}{when})"

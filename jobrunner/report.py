@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from jobrunner import redaction
 from jobrunner.config import Config
-from jobrunner.exceptions import ConfigError
+from jobrunner.exceptions import ConfigError, local_time
 from jobrunner.result import RunResult, Status
 
 log = logging.getLogger("jobrunner")
@@ -581,7 +581,7 @@ def _history_line(r: dict[str, Any]) -> tuple[str, ...]:
         str(r["id"]),
         r["job"],
         status,
-        f"{started:%Y-%m-%d %H:%M:%S}" if started else "",
+        local_time(started) if started else "",
         duration,
         str(r["succeeded"] or 0),
         str(r["failed"] or 0),

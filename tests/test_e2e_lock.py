@@ -220,3 +220,19 @@ def test_guard_survives_idle_in_transaction_timeout(cli, write_job, pg_url):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["status"] == "succeeded"
+
+
+def test_times_for_the_operator_carry_their_offset(cli, spawn, write_job, sqlite_url):
+    """`TZ=America/New_York jobrunner history` showed 20:11:20 with no offset."""
+    import re
+
+    write_job("two_rows", TWO_ROWS)
+    zone = {"TZ": "America/New_York"}
+    holder = spawn("run", "two_rows", "--database-url", sqlite_url, "--param", "n=20", "--param", "sleep=0.3")
+    wait_for_rows(sqlite_url, "pairs")
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [-+]0[45]00")  # New York: -0500, -0400 in summer
+    loser = cli("run", "two_rows", "--database-url", sqlite_url, env=zone)
+    assert loser.returncode == 75 and stamp.search(loser.stderr), loser.stderr
+    assert stamp.search(cli("status", "--database-url", sqlite_url, env=zone).stdout)
+    assert finish(holder)[0] == 0
+    assert stamp.search(cli("history", "--database-url", sqlite_url, env=zone).stdout)
