@@ -111,8 +111,8 @@ def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
     @click.option(
         "--database-url",
         metavar="URL",
-        help="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg2://USER@HOST/DB "
-        "(default: $JOBRUNNER_DATABASE_URL, else sqlite:///jobrunner.db).",
+        help="SQLAlchemy URL: sqlite:///PATH, postgresql+psycopg2://USER@HOST/DB or "
+        "mysql+pymysql://USER@HOST/DB (default: $JOBRUNNER_DATABASE_URL, else sqlite:///jobrunner.db).",
     )
     @click.option(
         "--jobs-path",
@@ -158,7 +158,8 @@ def cli() -> None:
     A job is a Python module in the jobs folder defining items(ctx, session)
     and process(ctx, session, item). Exit codes: 0 all items succeeded, 1 some
     failed, 2 usage or configuration error, 69 database unavailable or lock
-    lost, 75 job already running, 130/143 interrupted by SIGINT/SIGTERM.
+    lost, 70 internal error (a bug in jobrunner), 75 job already running,
+    130/143 interrupted by SIGINT/SIGTERM.
     """
 
 

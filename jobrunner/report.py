@@ -171,6 +171,8 @@ class Reporter:
     def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
         of = f"{total} items" if total is not None else "items counted as they come"
         batch = f", batches of {self.config.batch_size}" if self.config.batch_size > 1 else ""
+        if self.config.processes > 1 and not self.config.dry_run:
+            batch = f" in each of {self.config.processes} processes{batch}"
         mode = " (dry run)" if self.config.dry_run else ""
         story.info(
             "%s: run %s started%s: pid %d on %s, %s%s, %s",
@@ -260,9 +262,11 @@ class PlainReporter(Reporter):
         of = f" of {total}" if total is not None else ""
         mode = " (dry run)" if self.config.dry_run else ""
         workers = 1 if self.config.dry_run else self.config.workers
+        processes = self.config.processes if not self.config.dry_run else 1
+        spread = f" in each of {processes} processes" if processes > 1 else ""
         self._line(
             self.human,
-            f"{job}: started{mode}, {plural(workers, 'worker')}, "
+            f"{job}: started{mode}, {plural(workers, 'worker')}{spread}, "
             f"{'items' + of if of else 'counting items as they come'}",
         )
         thread = threading.Thread(target=self._tick, name="jobrunner-progress", daemon=True)

@@ -105,7 +105,7 @@ class Unit:
         keys: Keys | None,
         on_failure: Callable[[Any, Any, BaseException, bool], None],
         changes: Any = None,
-        watch_sqlite_lock: Callable[[float], bool] | None = None,
+        watch_sqlite_lock: Callable[[float, int], bool] | None = None,
         before_commit: Callable[[Session], None] | None = None,
         commit_check: TxidCheck | None = None,
         batch_size: int = 1,
@@ -337,7 +337,7 @@ class Unit:
         elif count:
             self.progress.committed(count)
         if self.watch_sqlite_lock is not None and began is not None:
-            if self.watch_sqlite_lock(time.monotonic() - began):
+            if self.watch_sqlite_lock(time.monotonic() - began, count):
                 self.watch_sqlite_lock = None  # said once: stop timing
 
     def _discard(self) -> None:
@@ -402,14 +402,15 @@ class SqliteLockWatch:
         self.notice = notice
         self.warned = False
 
-    def __call__(self, held: float) -> bool:
+    def __call__(self, held: float, items: int = 1) -> bool:
         """True once it has spoken."""
         if held > SLOW_SQLITE_HOLD_S and not self.warned:
             self.warned = True
+            who = "an item" if items == 1 else f"a chunk of {items} items"
             self.notice(
-                f"an item held SQLite's write lock for {held:.2f}s, so the other workers waited: on "
-                "SQLite, items run one at a time from their first statement to their commit. Do slow "
-                "work that needs no database in prepare() (see the README's SQLite section)"
+                f"{who} held SQLite's write lock for {held:.2f}s, so the other workers waited: on "
+                "SQLite, transactions run one at a time from their first statement to their commit. Do "
+                "slow work that needs no database in prepare() (see the README's SQLite section)"
             )
         return self.warned
 

@@ -32,3 +32,19 @@ def test_top_level_help_lists_exit_codes(cli_runner_help):
 @pytest.fixture
 def cli_runner_help(cli):
     return cli
+
+
+def test_the_readmes_options_table_and_run_help_name_the_same_options(cli_runner_help):
+    """The README's table of `jobrunner run` options is the manual most people read."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("`jobrunner run JOB [options]`", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", table))
+    run = cli.commands["run"]
+    offered = {opt for param in run.params for opt in param.opts if opt.startswith("--")} - {"--help"}
+    assert documented == offered, {
+        "missing from the README": sorted(offered - documented),
+        "not an option": sorted(documented - offered),
+    }
