@@ -282,7 +282,12 @@ def run_command(
     jobs.check_name(job)
     config = load_config(ctx, job, params=_parse_params(params), json=json_output, **flags)
     report.setup_logging(config)
-    result = runner.run(config, report.make_reporter(config))
+    reporter = report.make_reporter(config)
+    for warning in config.warnings:
+        reporter.notice(warning)
+        if config.quiet:  # cron mails stderr: a secret out in the open is worth it
+            report.print_error(warning, prefix="warning")
+    result = runner.run(config, reporter)
     return result.exit_code
 
 

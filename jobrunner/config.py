@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -169,6 +170,8 @@ class Config:
     verbose: int = 0
     # every [jobs.NAME] section, for `jobrunner crontab` and `status`
     job_sections: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # what the operator should hear before anything runs (a readable password)
+    warnings: tuple[str, ...] = ()
     # where each setting came from ("--workers", "environment variable ...",
     # "<file>: key 'workers'"), for error messages; absent means the default
     origins: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -278,7 +281,29 @@ def load(
     redaction.register(url)
     values["database_url"] = resolve_database_url(url, folder["database_url"], origins.get("database_url"))
     redaction.register(values["database_url"])
-    return Config(config_file=config_file, job=job, job_sections=sections, origins=origins, **values)
+    warnings = _exposed_password(config_file, url, origins.get("database_url", ""))
+    return Config(
+        config_file=config_file, job=job, job_sections=sections, origins=origins, warnings=warnings, **values
+    )
+
+
+def _exposed_password(config_file: Path | None, url: str, origin: str) -> tuple[str, ...]:
+    """libpq ignores a ~/.pgpass that group or others can read, and ssh refuses
+    such a key: a config file that hands out the database's password is worth
+    a line. Read from the mode bits (as root, os.access says yes to everything)."""
+    if config_file is None or not origin.startswith(str(config_file)) or not redaction.url_secrets(url):
+        return ()
+    try:
+        mode = config_file.stat().st_mode
+    except OSError:
+        return ()
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return ()
+    return (
+        f"{config_file} holds the database password and is readable by "
+        f"{'group and others' if mode & stat.S_IRWXO else 'its group'} (mode {stat.S_IMODE(mode):o}): "
+        f"chmod 600 {config_file}",
+    )
 
 
 def _find_config_file(flag: str | None, environ: Mapping[str, str], cwd: Path) -> tuple[Path | None, bool]:

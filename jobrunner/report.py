@@ -443,8 +443,8 @@ def summary_line(result: RunResult) -> str:
     )
 
 
-def print_error(message: str) -> None:
-    sys.stderr.write(f"jobrunner: error: {redaction.redact(message)}\n")
+def print_error(message: str, *, prefix: str = "error") -> None:
+    sys.stderr.write(f"jobrunner: {prefix}: {redaction.redact(message)}\n")
 
 
 def print_error_json(message: str, exit_code: int, job: str | None) -> None:

@@ -305,3 +305,22 @@ def test_resume_true_in_the_config_resumes_under_cron_and_is_carried_into_its_li
     text = log.read_text()
     assert "nothing to resume" in text
     assert not any("WARNING" in x for x in text.splitlines() if "nothing to resume" in x), text
+
+
+@pytest.mark.postgres
+def test_a_config_file_that_hands_out_the_password_says_so(cli, write_job, pg_url, tmp_path):
+    """libpq ignores a ~/.pgpass with group or world access; ssh refuses such keys."""
+    from sqlalchemy.engine import make_url
+
+    write_job("record", RECORD)
+    with_password = make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    config = tmp_path / "jobrunner.toml"
+    config.write_text(f'database_url = "{with_password}"\n')
+    config.chmod(0o644)
+    out = cli("run", "record", "--quiet")
+    assert out.returncode == 0, out.stderr
+    [line] = [x for x in out.stderr.splitlines() if "chmod 600" in x]
+    assert str(config) in line and "s3cret-pw" not in out.stderr
+    config.chmod(0o600)
+    out = cli("run", "record", "--quiet")
+    assert out.returncode == 0 and "chmod" not in out.stderr, out.stderr
