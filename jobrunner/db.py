@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import stat
 import threading
 import time
 from pathlib import Path
@@ -378,7 +379,11 @@ def check_sqlite_file(path: str, *, create: bool, writes: bool = True) -> None:
     if not os.access(file, os.R_OK):
         raise ConfigError(f"SQLite database {file} cannot be read (permission denied)")
     if writes:
-        if not os.access(file, os.W_OK):
+        # The mode bits as well as access(): as root, access() says every file
+        # is writable, and a file made read-only (chmod 444) would be written.
+        if not os.access(file, os.W_OK) or not file.stat().st_mode & (
+            stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+        ):
             raise ConfigError(f"SQLite database {file} is read-only: jobrunner needs to write to it")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(

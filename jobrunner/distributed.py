@@ -49,14 +49,22 @@ JOIN_WAIT_S = 5.0  # a joiner that lost the race for the lock waits this long fo
 TICK_S = 0.2
 
 
-def check_supported(database: Database, config: Config) -> None:
+def check_supported(config: Config) -> None:
+    """Before anything is opened or created: a refused run leaves nothing behind."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     where = config.origin("processes") if config.processes > 1 else config.origin("join")
-    if database.is_sqlite:
+    try:
+        dialect = make_url(config.database_url).get_backend_name()
+    except (ArgumentError, ValueError):
+        return  # the database's own check names what is wrong with the URL
+    if dialect == "sqlite":
         raise ConfigError(
             f"{where}: a distributed run needs PostgreSQL (SQLite has no row-level claiming, "
             "and its writers take turns anyway)"
         )
-    if database.family != "postgresql":
+    if dialect != "postgresql":
         raise ConfigError(f"{where}: a distributed run needs PostgreSQL (its work table and helper fencing)")
 
 

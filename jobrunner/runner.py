@@ -92,9 +92,9 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError(
             "a distributed run is led by the holder of the job's lock: --no-lock does not apply"
         )
+    if config.distributed:
+        distributed.check_supported(config)
     with tables.ready_database(config, job.name, workers=config.workers) as database:
-        if config.distributed:
-            distributed.check_supported(database, config)
         active = _Run(config, job, database, reporter, roles.for_config(config))
         result = active.execute()
         if result.status is Status.LOCKED and config.join and not active.helpers_remain:

@@ -368,12 +368,14 @@ def test_items_arrive_equal_and_of_the_same_type(cli, write_job, pg_url):
 
 
 @pytest.mark.parametrize("flag", [["--processes", "2"], ["--join"]])
-def test_sqlite_refuses_a_distributed_run(cli, write_job, sqlite_url, flag):
+def test_sqlite_refuses_a_distributed_run(cli, write_job, sqlite_url, flag, tmp_path):
     write_job("batch", BATCH)
     out = cli("run", "batch", "--database-url", sqlite_url, *flag)
     assert out.returncode == 2
     [line] = out.stderr.strip().splitlines()
     assert "a distributed run needs PostgreSQL" in line
+    # A refused run leaves nothing behind: no database file, no lock file.
+    assert not list(tmp_path.glob("*.db*")), list(tmp_path.glob("*.db*"))
 
 
 def test_status_shows_the_leader_and_its_helpers(cli, spawn, write_job, pg_url):

@@ -305,3 +305,17 @@ def test_list_shows_jobs_and_summaries(cli, write_job):
     ]
     as_json = json.loads(cli("list", "--json").stdout)
     assert [j["job"] for j in as_json] == ["lazy", "record"]
+
+
+def test_a_read_only_sqlite_file_is_refused_even_as_root(cli, write_job, tmp_path):
+    """As root, os.access() says every file is writable: the mode bits decide."""
+    write_job("record", RECORD)
+    assert cli("run", "record", "--database-url", "sqlite:///ro.db").returncode == 0
+    db = tmp_path / "ro.db"
+    before = db.read_bytes()
+    db.chmod(0o444)
+    out = cli("run", "record", "--database-url", "sqlite:///ro.db")
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "read-only" in line
+    assert db.read_bytes() == before, "a read-only database was written to"
