@@ -102,6 +102,12 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
             if run_id is not None and accepts:
                 active = _Run(config, job, database, reporter, roles.Helping(run_id))
                 result = active.execute()
+            elif run_id is not None:
+                result = dataclasses.replace(
+                    result,
+                    error=f"{result.error}; run {run_id} takes no helpers: hosts share a run only when "
+                    "every start is a --join start (or join = true)",
+                )
     if active.config_error is not None:
         raise active.config_error
     reporter.finished(result)

@@ -499,3 +499,16 @@ def test_a_distributed_runs_lock_holds_no_transaction_id_and_still_excludes_row_
     assert "already running" in plain.stderr
     leader.kill()
     finish(leader)
+
+
+def test_a_join_start_beside_a_run_that_takes_no_helpers_says_why_it_cannot_help(
+    cli, spawn, write_job, pg_url
+):
+    write_job("batch", BATCH)
+    plain = spawn("run", "batch", "--database-url", pg_url, "--param", "n=400", "--param", "sleep=0.05")
+    wait_for_rows(pg_url, "batch_rows", minimum=5)
+    out = cli("run", "batch", "--database-url", pg_url, "--join")
+    assert out.returncode == 75, out.stderr
+    assert "already running" in out.stderr and "takes no helpers" in out.stderr and "--join" in out.stderr
+    plain.kill()
+    finish(plain)
