@@ -77,6 +77,7 @@ class _Heartbeat:
     """
 
     what = "lock"
+    connection = "lock's database connection"
 
     def __init__(
         self,
@@ -226,9 +227,9 @@ class _Heartbeat:
         try:
             current = session.scalar(text("SELECT 1") if backend is None else backend_query(self.database))
         except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
-            return f"the {self.what}'s database connection failed: {dbmod.describe_error(error)}"
+            return f"the {self.connection} failed: {dbmod.describe_error(error)}"
         if backend is not None and current != backend:
-            return f"the {self.what}'s database connection was replaced"
+            return f"the {self.connection} was replaced"
         return None
 
     def _retake(self, reason: str) -> tuple[Any, Any]:
@@ -457,7 +458,8 @@ class HelperFence(_Heartbeat):
     otherwise they leave with exit 69.
     """
 
-    what = "helper's lease on the run"
+    what = "helper's right to commit"
+    connection = "helper's database connection"
 
     def __init__(self, database: dbmod.Database, job: str, run_id: int, **kwargs: Any) -> None:
         super().__init__(database, job, **kwargs)

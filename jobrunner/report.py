@@ -152,6 +152,12 @@ def make_reporter(config: Config, *, stderr: IO[str] | None = None) -> Reporter:
     return PlainReporter(config, stderr)
 
 
+def _run_label(run_id: int | None, role: str | None) -> str:
+    """``run 7``, or ``helper of run 7``: one run, one pair of start and end lines."""
+    run = f"run {run_id}" if run_id is not None else "run (unrecorded)"
+    return f"helper of {run}" if role == "helper" else run
+
+
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -168,16 +174,18 @@ class Reporter:
     def phase(self, text: str) -> None:
         story.info("%s: %s", self.config.job, text)
 
-    def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
+    def started(
+        self, job: str, *, total: int | None, progress: Any, run_id: int | None, role: str | None = None
+    ) -> None:
         of = f"{total} items" if total is not None else "items counted as they come"
         batch = f", batches of {self.config.batch_size}" if self.config.batch_size > 1 else ""
         if self.config.processes > 1 and not self.config.dry_run:
             batch = f" in each of {self.config.processes} processes{batch}"
         mode = " (dry run)" if self.config.dry_run else ""
         story.info(
-            "%s: run %s started%s: pid %d on %s, %s%s, %s",
+            "%s: %s started%s: pid %d on %s, %s%s, %s",
             job,
-            run_id if run_id is not None else "(unrecorded)",
+            _run_label(run_id, role),
             mode,
             os.getpid(),
             socket.gethostname(),
@@ -223,9 +231,9 @@ class Reporter:
             story.info("%s: not started: %s (exit %d)", result.job, result.error, result.exit_code)
             return
         story.info(
-            "%s: run %s ended: %s, exit %d, %.2fs",
+            "%s: %s ended: %s, exit %d, %.2fs",
             result.job,
-            result.run_id if result.run_id is not None else "(unrecorded)",
+            _run_label(result.run_id, result.role),
             summary_line(result).split(": ", 1)[1],
             result.exit_code,
             result.duration_seconds,
@@ -253,8 +261,10 @@ class Reporter:
 
 
 class PlainReporter(Reporter):
-    def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
-        super().started(job, total=total, progress=progress, run_id=run_id)
+    def started(
+        self, job: str, *, total: int | None, progress: Any, run_id: int | None, role: str | None = None
+    ) -> None:
+        super().started(job, total=total, progress=progress, run_id=run_id, role=role)
         self._progress = progress
         self._done = threading.Event()
         if self.config.quiet:
@@ -317,8 +327,10 @@ class TerminalReporter(Reporter):
             self._status.stop()
             self._status = None
 
-    def started(self, job: str, *, total: int | None, progress: Any, run_id: int | None) -> None:
-        Reporter.started(self, job, total=total, progress=progress, run_id=run_id)
+    def started(
+        self, job: str, *, total: int | None, progress: Any, run_id: int | None, role: str | None = None
+    ) -> None:
+        Reporter.started(self, job, total=total, progress=progress, run_id=run_id, role=role)
         self._end_phase()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

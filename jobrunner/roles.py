@@ -263,7 +263,7 @@ class Helping(Single):
         r.opening = history.Opening(self.run_id, None, frozenset())
         self.row = distributed.ProcessRow(r.database, self.run_id, "helper", r.config.workers, r.outage)
         self.row.register()
-        r.reporter.started(r.job.name, total=None, progress=r.progress, run_id=self.run_id)
+        r.reporter.started(r.job.name, total=None, progress=r.progress, run_id=self.run_id, role="helper")
 
     def close(self, result: Any) -> None:
         if self.row is not None:

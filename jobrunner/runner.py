@@ -51,7 +51,9 @@ class Reporter(Protocol):
     """What the runner tells the operator's side (see ``report.py``)."""
 
     def phase(self, text: str) -> None: ...
-    def started(self, job: str, *, total: int | None, progress: Progress, run_id: int | None) -> None: ...
+    def started(
+        self, job: str, *, total: int | None, progress: Progress, run_id: int | None, role: str | None = None
+    ) -> None: ...
     def notice(self, text: str) -> None: ...
     def info(self, text: str) -> None: ...
     def finished(self, result: RunResult) -> None: ...
@@ -61,7 +63,9 @@ class _NullReporter:
     def phase(self, text: str) -> None:
         pass
 
-    def started(self, job: str, *, total: int | None, progress: Progress, run_id: int | None) -> None:
+    def started(
+        self, job: str, *, total: int | None, progress: Progress, run_id: int | None, role: str | None = None
+    ) -> None:
         pass
 
     def notice(self, text: str) -> None:

@@ -83,7 +83,7 @@ def test_each_claim_takes_consecutive_items_a_batch_at_a_time(cli, write_job, pg
     assert json.loads(out.stdout)["commits"] == len(chunks)
 
 
-def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_job, pg_url):
+def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_job, pg_url, tmp_path):
     write_job("batch", BATCH)
     args = (
         "run",
@@ -101,7 +101,7 @@ def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_jo
     )
     leader = spawn(*args)
     wait_for_rows(pg_url, "batch_rows", minimum=20)
-    helper = spawn(*args)
+    helper = spawn(*args, "--log-file", "helper.log")
     helper_code, helper_out, helper_err = finish(helper)
     leader_code, leader_out, leader_err = finish(leader)
     assert (leader_code, helper_code) == (0, 0), leader_err + helper_err
@@ -111,6 +111,11 @@ def test_a_second_start_with_join_helps_the_run_in_progress(cli, spawn, write_jo
     assert led["succeeded"] == 600 and led["processes"] == 2
     rows = items_once(pg_url, 600)
     assert {pid for _, pid in rows} == {leader.pid, helper.pid}
+    # One run has one pair of "run N started/ended" lines: the helper's say whose they are.
+    log = (tmp_path / "helper.log").read_text()
+    run = led["run_id"]
+    assert f"batch: helper of run {run} started" in log and f"batch: helper of run {run} ended" in log, log
+    assert f"batch: run {run} ended" not in log and "lease" not in log
 
 
 def test_join_with_nothing_left_to_claim_exits_0_promptly(cli, spawn, write_job, pg_url):
