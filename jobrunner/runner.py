@@ -166,6 +166,7 @@ class _Run:
         self.error: str | None = None  # setup() or items() raised: the run failed
         self.abandoned = False
         self.result: RunResult | None = None
+        self._began = (datetime.now(UTC), time.monotonic())
         self.outage = Outage(
             database.probe,
             config.outage_timeout,
@@ -195,11 +196,15 @@ class _Run:
 
     def execute(self) -> RunResult:
         started_at, t0 = datetime.now(UTC), time.monotonic()
+        self._began = (started_at, t0)
         try:
             with self._hold():
                 self.role.open()
                 self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
-                with catch_signals(self.stop, self.reporter.notice, self.config.shutdown_timeout):
+                signals = catch_signals(
+                    self.stop, self.reporter.notice, self.config.shutdown_timeout, leaving=self._leaving
+                )
+                with signals:
                     if self.config.dry_run:
                         self._dry_run()
                     elif self._setup():
@@ -213,6 +218,16 @@ class _Run:
                 self.job.name, held, started_at=started_at, duration=duration, config=self.config
             )
         return result
+
+    def _leaving(self) -> None:
+        """A second signal: the process leaves at once, in-flight items to the
+        database's rollback. Record that, if it can be done in time."""
+        try:
+            self.progress.abandon()
+            self.abandoned = True  # the record's writes must not wait on the workers
+            self.role.close(self._result(*self._began))
+        except Exception:
+            log.debug("cannot record the run's end on the way out", exc_info=True)
 
     def _hold(self) -> contextlib.AbstractContextManager[Any]:
         """The right to commit, for the whole run: the job's lock, or a helper's fence."""

@@ -49,16 +49,30 @@ class Stop:
         return self.reason in FATAL
 
 
+# How long leaving at once may take to record why (a second signal).
+LEAVING_S = 1.0
+
+
 @contextlib.contextmanager
-def catch_signals(stop: Stop, notice: Callable[[str], None], shutdown_timeout: float) -> Iterator[None]:
+def catch_signals(
+    stop: Stop,
+    notice: Callable[[str], None],
+    shutdown_timeout: float,
+    leaving: Callable[[], None] | None = None,
+) -> Iterator[None]:
     """SIGTERM/SIGINT stop the run gracefully; a second one leaves at once
-    (the database rolls back whatever was in flight)."""
+    (the database rolls back whatever was in flight), after ``leaving()``
+    if it is done within LEAVING_S (the run's history says interrupted)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_signal(signum: int, _frame: Any) -> None:
         if stop.signal is not None:
+            if leaving is not None:
+                recorder = threading.Thread(target=leaving, name="jobrunner-leaving", daemon=True)
+                recorder.start()
+                recorder.join(LEAVING_S)
             os._exit(128 + signum)
         name = signal.Signals(signum).name
         stop.set(Status.INTERRUPTED, f"interrupted by {name}", signum=signum)
