@@ -77,7 +77,7 @@ def _error(message: str, meta: dict[str, Any], code: int = EX_USAGE) -> None:
     from jobrunner import report
 
     report.print_error(message)
-    report.log_error(message)
+    report.log_error(f"{message} (exit {code})")
     if meta.get("json"):
         report.print_error_json(message, code, meta.get("job"))
 
@@ -287,8 +287,25 @@ def run_command(
         reporter.notice(warning)
         if config.quiet:  # cron mails stderr: a secret out in the open is worth it
             report.print_error(warning, prefix="warning")
-    result = runner.run(config, reporter)
+    try:
+        result = runner.run(config, reporter)
+    except Exception as error:
+        _failed_start_metrics(config, job, exit_for(error)[0])
+        raise
     return result.exit_code
+
+
+def _failed_start_metrics(config: configmod.Config, job: str, code: int) -> None:
+    """A start that ended before its run still counts for monitoring."""
+    path = config.metrics_path
+    if path is None:
+        return
+    from jobrunner import metrics
+
+    try:
+        metrics.failed_start(path, job, code)
+    except OSError:
+        pass  # the error that ended the start is the one to report
 
 
 @cli.command("list")

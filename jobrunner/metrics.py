@@ -96,6 +96,17 @@ def _update(path: Path, result: RunResult, now: float) -> None:
     write(path, samples)
 
 
+def failed_start(path: Path, job: str, exit_code: int, now: float | None = None) -> None:
+    """A start that ended before its run (the database refused, exit 69; a bad
+    config, 2): no items, but an alert on exit codes must see it."""
+    with _exclusive(path):
+        samples = read(path)
+        labels = _labels(job=job)
+        samples[("jobrunner_last_run_timestamp_seconds", labels)] = time.time() if now is None else now
+        samples[("jobrunner_last_exit_code", labels)] = exit_code
+        write(path, samples)
+
+
 def render(samples: dict[tuple[str, str], float]) -> str:
     lines = []
     for name, (kind, text) in HELP.items():

@@ -324,3 +324,19 @@ def test_a_config_file_that_hands_out_the_password_says_so(cli, write_job, pg_ur
     config.chmod(0o600)
     out = cli("run", "record", "--quiet")
     assert out.returncode == 0 and "chmod" not in out.stderr, out.stderr
+
+
+def test_a_start_that_ends_before_its_run_still_counts_for_monitoring(cli, write_job, tmp_path):
+    """A refused database (exit 69) wrote no metric, and its log line no exit code."""
+    write_job("record", RECORD)
+    refused = "postgresql://u:pw@127.0.0.1:1/x"
+    out = cli(
+        "run", "record", "--database-url", refused, "--metrics-file", "m/{job}.prom", "--log-file", "run.log"
+    )
+    assert out.returncode == 69, out.stderr
+    text = (tmp_path / "m" / "record.prom").read_text()
+    assert 'jobrunner_last_exit_code{job="record"} 69' in text
+    assert 'jobrunner_last_run_timestamp_seconds{job="record"}' in text
+    assert "jobrunner_items_total" not in text and "jobrunner_last_success" not in text
+    [line] = [x for x in (tmp_path / "run.log").read_text().splitlines() if "cannot connect" in x]
+    assert "(exit 69)" in line and "pw@" not in line
