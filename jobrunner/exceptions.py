@@ -65,7 +65,13 @@ class RunOver(JobrunnerError):
     exit_code = EX_UNAVAILABLE
 
 
-class ItemNotPortable(ConfigError):
+class ItemRefused(ConfigError):
+    """items() yielded something jobrunner does not take as an item. The run
+    stops; it is recorded as failed, with this line; exit 2 (the job's code
+    must change, so retrying will not help)."""
+
+
+class ItemNotPortable(ItemRefused):
     """An item cannot travel through the work table to other processes."""
 
 

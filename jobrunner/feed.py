@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from jobrunner.exceptions import ItemRefused
+
 Entry = tuple[Any, Any]
 _END = object()
 PUT_POLL_S = 0.05
@@ -159,7 +161,7 @@ class ItemFilter:
             self.on_skip()
             return False
         if getattr(type(item), "_sa_class_manager", None) is not None:
-            raise TypeError(
+            raise ItemRefused(
                 f"items() yielded an ORM instance ({type(item).__name__}); yield its "
                 "primary key or a plain tuple instead, since ORM objects cannot cross threads"
             )

@@ -151,8 +151,13 @@ def test_orm_instances_are_refused_as_items(cli, write_job, sqlite_url):
     """,
     )
     out = cli("run", "ormitems", "--database-url", sqlite_url)
-    assert out.returncode == 1
-    assert "ORM instance (Thing)" in out.stderr
+    # Refused like an item that cannot travel in a distributed run: one line,
+    # exit 2, the run recorded as failed with that line.
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "ORM instance (Thing)" in line
+    [(status, error)] = query(sqlite_url, "SELECT status, error FROM jobrunner_runs")
+    assert status == "failed" and "ORM instance (Thing)" in error
 
 
 def test_demo_update_job_on_a_fresh_folder(tmp_path, cli, db_url):
