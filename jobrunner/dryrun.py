@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from jobrunner import db as dbmod
@@ -42,7 +42,9 @@ class ChangeCounter:
     """Counts the rows a dry run's statements report, per table and kind.
 
     Counts gather per thread and join the totals only when the savepoint they
-    belong to ends well: a failed item's rows would not have changed.
+    belong to ends well: a failed item's rows would not have changed. This is
+    what SQLite and MySQL can tell: each statement's rowcount, by its kind
+    (see :class:`ServerCounts` for PostgreSQL, which counts for itself).
     """
 
     def __init__(self, engine: Any) -> None:
@@ -65,10 +67,17 @@ class ChangeCounter:
         if rows is None or rows < 0:
             rows = len(parameters) if executemany else 0
         if rows > 0:
-            pending = self._pending.__dict__.setdefault("counts", [])
-            pending.append((table, kind, rows))
+            self._add(table, kind, rows)
 
-    def keep(self) -> None:
+    def _add(self, table: str, kind: str, rows: int) -> None:
+        pending = self._pending.__dict__.setdefault("counts", [])
+        pending.append((table, kind, rows))
+
+    def start(self, session: Any) -> None:
+        """A chunk (or setup()) begins on ``session``."""
+        self._pending.__dict__.pop("counts", None)
+
+    def keep(self, session: Any = None) -> None:
         """The calling thread's savepoint ended well: count its rows."""
         pending = self._pending.__dict__.pop("counts", [])
         with self._lock:
@@ -79,11 +88,11 @@ class ChangeCounter:
     def discard(self) -> None:
         self._pending.__dict__.pop("counts", None)
 
-    def mark(self) -> int:
+    def mark(self, session: Any) -> Any:
         """Where the calling thread's pending counts stand (for :meth:`rewind`)."""
         return len(self._pending.__dict__.get("counts", []))
 
-    def rewind(self, mark: int) -> None:
+    def rewind(self, session: Any, mark: Any) -> None:
         """A savepoint inside the chunk was rolled back: forget what it counted."""
         pending = self._pending.__dict__.get("counts")
         if pending is not None:
@@ -107,6 +116,83 @@ class ChangeCounter:
     def report(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {table: dict(counts) for table, counts in sorted(self._counts.items())}
+
+
+_XACT_COUNTS = text(
+    "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_xact_user_tables "
+    "WHERE n_tup_ins + n_tup_upd + n_tup_del > 0"
+)
+
+
+class ServerCounts(ChangeCounter):
+    """PostgreSQL counts the rows its current transaction inserted, updated and
+    deleted, per table (pg_stat_xact_user_tables): an upsert that updated
+    counts as an update, and triggers, cascades, MERGE and data-modifying
+    CTEs count too, as the real run will do them. Rows of a rolled-back
+    savepoint still count there, so the counts are read around each chunk
+    (and each part tried when a chunk isolates a bad item): what a part that
+    was undone added is subtracted."""
+
+    def __init__(self, engine: Any) -> None:
+        self._lock = threading.Lock()
+        self._counts = {}
+        self._pending = threading.local()
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _read(session: Any) -> dict[tuple[str, str], int]:
+        rows = session.execute(_XACT_COUNTS).all()
+        out: dict[tuple[str, str], int] = {}
+        for table, inserted, updated, deleted in rows:
+            if table.startswith(tables.PREFIX):
+                continue
+            out[(table, "insert")], out[(table, "update")], out[(table, "delete")] = (
+                inserted,
+                updated,
+                deleted,
+            )
+        return out
+
+    def start(self, session: Any) -> None:
+        state = self._pending.__dict__
+        state["start"], state["undone"] = self._read(session), {}
+
+    def mark(self, session: Any) -> Any:
+        return self._read(session)
+
+    def rewind(self, session: Any, mark: Any) -> None:
+        undone = self._pending.__dict__.setdefault("undone", {})
+        for key, value in _delta(self._read(session), mark).items():
+            undone[key] = undone.get(key, 0) + value
+
+    def keep(self, session: Any = None) -> None:
+        state = self._pending.__dict__
+        start, undone = state.pop("start", None), state.pop("undone", {})
+        if start is None or session is None:
+            return
+        with self._lock:
+            for (table, kind), rows in _delta(self._read(session), start).items():
+                rows -= undone.get((table, kind), 0)
+                if rows > 0:
+                    counts = self._counts.setdefault(table, {"insert": 0, "update": 0, "delete": 0})
+                    counts[kind] += rows
+
+    def discard(self) -> None:
+        self._pending.__dict__.pop("start", None)
+        self._pending.__dict__.pop("undone", None)
+
+
+def _delta(now: dict[tuple[str, str], int], then: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    return {key: value - then.get(key, 0) for key, value in now.items() if value != then.get(key, 0)}
+
+
+def counter_for(database: Any) -> ChangeCounter:
+    """The best change report each database can give (see the README's dry-run section)."""
+    if database.family == "postgresql":
+        return ServerCounts(database.engine)
+    return ChangeCounter(database.engine)
 
 
 def _refuse_ddl(
@@ -193,9 +279,10 @@ def run(
             if job.setup is not None:
                 session = savepoint_session()
                 try:
+                    changes.start(session)
                     job.setup(ctx, session)
                     session.commit()
-                    changes.keep()
+                    changes.keep(session)
                 except Exception as error:  # noqa: BLE001 - the job's own code
                     session.rollback()
                     changes.discard()

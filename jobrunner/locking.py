@@ -610,6 +610,8 @@ def probe(database: dbmod.Database, job: str, mode: str = "row") -> dict[str, An
         if not Path(dbmod.lock_database_path(database.url, job)).exists():
             return None
         mode = "file"
+    elif database.family == "postgresql":
+        mode = "advisory"  # every run on PostgreSQL holds the job's advisory key (see try_lock)
     session = database.guard_session(job)
     try:
         if mode == "row":

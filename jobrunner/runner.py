@@ -320,7 +320,7 @@ class _Run:
                     return
 
     def _dry_run(self) -> None:
-        self.changes = dryrun.ChangeCounter(self.database.engine)
+        self.changes = dryrun.counter_for(self.database)
         try:
             dryrun.run(
                 database=self.database,

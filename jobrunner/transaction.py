@@ -197,6 +197,8 @@ class Unit:
                         session.rollback()
                         return None
                 claimed = False
+                if self.changes is not None:
+                    self.changes.start(session)
                 failed = self._process(session, work)
                 good = [w for w in work if not any(w is f for f, _ in failed)] if failed else work
                 if failed:
@@ -285,7 +287,7 @@ class Unit:
         bad item costs about 2*log2(n) savepoints, not n transactions. A
         conflict or the database gone is not the items' fault: it ends the
         whole attempt (the caller retries, waits or settles as decided)."""
-        undo = self.changes.mark() if self.changes is not None else 0
+        undo = self.changes.mark(session) if self.changes is not None else None
         nested = session.begin_nested()
         try:
             self._run(session, part)
@@ -295,7 +297,7 @@ class Unit:
             if nested.is_active:
                 nested.rollback()
             if self.changes is not None:
-                self.changes.rewind(undo)
+                self.changes.rewind(session, undo)
             if classify(error) is not Kind.FATAL:
                 raise
             if whole:
@@ -332,7 +334,7 @@ class Unit:
             began = session.connection().info.get(BEGAN_INFO)
         session.commit()
         if self.changes is not None:  # a dry run: the savepoint was released
-            self.changes.keep()
+            self.changes.keep(session)
             self.progress.dry_committed(count)
         elif count:
             self.progress.committed(count)

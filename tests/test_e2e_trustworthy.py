@@ -258,3 +258,53 @@ def test_shutdown_timeout_rolls_back_slow_items(spawn, write_job, db_url):
         # marks it crashed.)
         [(rolled_back,)] = query(db_url, "SELECT rolled_back FROM jobrunner_runs")
         assert rolled_back == 2, "history lost the abandoned items"
+
+
+UPSERT = '''
+"""Upserts over a populated table, with a trigger that audits updates."""
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS kv (k INTEGER PRIMARY KEY, v INTEGER NOT NULL)"))
+    session.execute(text("CREATE TABLE IF NOT EXISTS kv_audit (k INTEGER NOT NULL)"))
+    session.execute(text(
+        "CREATE OR REPLACE FUNCTION kv_audit() RETURNS trigger AS $$ BEGIN "
+        "INSERT INTO kv_audit VALUES (NEW.k); RETURN NEW; END $$ LANGUAGE plpgsql"))
+    session.execute(text("DROP TRIGGER IF EXISTS kv_audit ON kv"))
+    session.execute(text(
+        "CREATE TRIGGER kv_audit AFTER UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION kv_audit()"))
+
+def items(ctx, session):
+    return range(600)
+
+def process(ctx, session, item):
+    upsert = "INSERT INTO kv VALUES (:k, 1) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+    session.execute(text(upsert), {"k": item})
+    if item == 555:
+        raise ValueError("item 555 is bad")
+'''
+
+
+@pytest.mark.postgres
+def test_a_dry_runs_report_matches_what_the_real_run_then_does(cli, write_job, pg_url):
+    """Statements were classified by their first words: 500 upserts that would
+    update were reported as inserts, and the trigger's rows were missed."""
+    from helpers import execute
+
+    write_job("upsert", UPSERT)
+    execute(pg_url, "CREATE TABLE kv (k INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+    execute(pg_url, "INSERT INTO kv SELECT g, 0 FROM generate_series(0, 499) g")
+    out = cli("run", "upsert", "--database-url", pg_url, "--dry-run", "-b", "10", "--json")
+    assert out.returncode == 1, out.stderr
+    changes = json.loads(out.stdout)["changes"]
+    # 500 updates, 99 inserts (item 555's insert is undone with it), 500 audit rows
+    assert changes == {
+        "kv": {"insert": 99, "update": 500, "delete": 0},
+        "kv_audit": {"insert": 500, "update": 0, "delete": 0},
+    }
+    assert query(pg_url, "SELECT count(*), sum(v) FROM kv") == [(500, 0)], "the dry run changed the table"
+    real = cli("run", "upsert", "--database-url", pg_url, "-b", "10", "--json")
+    assert real.returncode == 1, real.stderr
+    [(rows, ones)] = query(pg_url, "SELECT count(*), sum(v) FROM kv")
+    assert (rows - 500, ones - 99) == (99, 500), "the real run did not do what the dry run said"
+    assert query(pg_url, "SELECT count(*) FROM kv_audit") == [(500,)]
