@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import time
@@ -137,6 +138,7 @@ class Leader:
         self.notice = notice
         self.row = ProcessRow(database, run_id, "leader", config.workers, outage)
         self.children: list[Any] = []
+        self._reported: set[int] = set()
         self._feed: WorkTableFeed | None = None
         self.adopted = 0
         self.adopted_keys: frozenset[str] = frozenset()
@@ -252,9 +254,10 @@ class Leader:
             self.children.append(child)
 
     def tick(self, progress: Progress) -> None:
-        """The main thread: checkpoint this process, and apply --max-failures to
-        the whole run."""
+        """The main thread: checkpoint this process, say when a local helper
+        died, and apply --max-failures to the whole run."""
         self.row.tick(progress)
+        self._report_dead_helpers()
         limit = self.config.max_failures
         if limit is not None and not self.stop.is_set():
             try:
@@ -284,7 +287,23 @@ class Leader:
             if child.is_alive():
                 child.terminate()
                 child.join(5)
+        self._report_dead_helpers()
         return retry_gone(self.outage, lambda: totals(self.database, self.run_id, progress))
+
+    def _report_dead_helpers(self) -> None:
+        """A local helper that died (a signal, an internal error) is said once:
+        its items in flight went back to the work table, and the others did
+        them; its last seconds of counts are lost with it."""
+        for child in self.children:
+            code = child.exitcode
+            if code is None or code in _HELPER_ENDINGS or child.pid in self._reported:
+                continue
+            self._reported.add(child.pid)
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            self.notice(
+                f"helper pid {child.pid} on this host {how}: the items it had in flight went back to the "
+                "work table for the other processes; the counts it had not yet recorded are lost with it"
+            )
 
 
 def totals(database: Database, run_id: int, progress: Progress) -> dict[str, Any]:
@@ -373,6 +392,10 @@ def joinable_run(database: Database, job: str) -> tuple[int | None, bool]:
             return None, False
         time.sleep(0.1)
 
+
+# Exit codes of a helper that ended as a helper ends: done, items failed, the
+# run stopped under it or by the leader (69, 130, 143).
+_HELPER_ENDINGS = frozenset({0, 1, 69, 75, 130, 143})
 
 # What a local helper says on the terminal. The leader reports the run for
 # every process (totals, failed items, the abort or the signal), so a helper

@@ -4,6 +4,7 @@ every item exactly once, whoever dies."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -517,3 +518,64 @@ def test_a_join_start_beside_a_run_that_takes_no_helpers_says_why_it_cannot_help
     assert "already running" in out.stderr and "takes no helpers" in out.stderr and "--join" in out.stderr
     plain.kill()
     finish(plain)
+
+
+def test_a_helper_killed_while_it_holds_an_uncommitted_claim_gives_those_items_back(
+    spawn, write_job, pg_url, tmp_path
+):
+    """Killed only once it provably holds a claim it has not committed: its
+    process() has begun (the claim is the transaction's first statement).
+    Claims committed on their own would lose these items."""
+    write_job("slowhelp", SLOW_IN_HELPER)
+    args = ("run", "slowhelp", "--database-url", pg_url, "--join", "-w", "2", "--param", "n=40")
+    leader = spawn(*args, env={"JOB_SLEEP": "0.3"})
+    wait_for_rows(pg_url, "batch_rows", minimum=2)
+    helper = spawn(*args, env={"JOB_SLEEP": "60"})
+    deadline = time.monotonic() + 30
+    while not (held := list(tmp_path.glob(f"started-{helper.pid}-*"))):
+        assert time.monotonic() < deadline and helper.poll() is None, "the helper never took an item"
+        time.sleep(0.05)
+    helper.send_signal(signal.SIGKILL)
+    finish(helper)
+    code, _, err = finish(leader)
+    assert code == 0, err
+    rows = dict(query(pg_url, "SELECT item, pid FROM batch_rows"))
+    assert sorted(rows) == list(range(40)), "an item was lost or done twice"
+    for path in held:
+        item = int(path.name.rsplit("-", 1)[1])
+        assert rows[item] == leader.pid, f"item {item}, claimed by the killed helper, was not redone"
+
+
+def test_a_local_helper_that_dies_is_mentioned_and_its_items_are_done(spawn, write_job, pg_url):
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "-P",
+        "2",
+        "-b",
+        "5",
+        "--param",
+        "n=1500",
+        "--param",
+        "sleep=0.01",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            helpers = query(pg_url, "SELECT pid FROM jobrunner_run_processes WHERE role = 'helper'")
+        except Exception:  # the leader has not made jobrunner's tables yet
+            helpers = []
+        if helpers:
+            break
+        assert time.monotonic() < deadline, "no local helper registered"
+        time.sleep(0.1)
+    wait_for_rows(pg_url, "batch_rows", minimum=50)
+    [(pid,)] = helpers
+    os.kill(pid, signal.SIGKILL)
+    code, _, err = finish(leader)
+    assert code == 0, err
+    assert f"helper pid {pid} on this host was killed by SIGKILL" in err, err
+    items_once(pg_url, 1500)
