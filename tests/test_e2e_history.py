@@ -6,6 +6,7 @@ import json
 import signal
 from datetime import date, timedelta
 
+import pytest
 from helpers import execute, finish, query, wait_for_rows
 from jobkit import RESUMABLE
 
@@ -121,3 +122,49 @@ def test_history_limit_and_purge(cli, write_job, db_url):
     assert out.returncode == 0 and out.stdout.strip() == "deleted 3 runs and 6 item keys"
     assert json.loads(cli("history", "--database-url", db_url, "--json").stdout) == []
     assert cli("history", "--database-url", db_url, "--purge-before", "yesterday").returncode == 2
+
+
+DEFERRED = '''
+"""Each item writes an effect whose reference is checked only at COMMIT."""
+from sqlalchemy import text
+
+BATCH_SIZE = 10
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS refs (id INTEGER PRIMARY KEY)"))
+    session.execute(text(
+        "CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL, "
+        "ref INTEGER REFERENCES refs (id) DEFERRABLE INITIALLY DEFERRED)"))
+
+def items(ctx, session):
+    return range(30)
+
+def process(ctx, session, item):
+    ref = -1 if item == 13 else 0  # item 13's reference is missing until the test adds it
+    session.execute(text("INSERT INTO effects VALUES (:i, :r)"), {"i": item, "r": ref})
+
+def item_key(item):
+    return str(item)
+'''
+
+
+@pytest.mark.postgres
+def test_keys_of_a_chunk_rolled_back_at_commit_are_not_kept_and_resume_does_each_item_once(
+    cli, write_job, pg_url
+):
+    """Resume keys written in a transaction of their own would outlive a chunk
+    that COMMIT itself refused, and --resume would skip items never done."""
+    write_job("deferred", DEFERRED)
+    execute(pg_url, "CREATE TABLE refs (id INTEGER PRIMARY KEY)")
+    execute(pg_url, "INSERT INTO refs VALUES (0)")
+    first, summary = run_json(cli, "run", "deferred", "--database-url", pg_url)
+    assert first.returncode == 1, first.stderr
+    assert (summary["succeeded"], summary["failed"]) == (29, 1)
+    [(keys,)] = query(pg_url, "SELECT count(*) FROM jobrunner_item_keys")
+    assert keys == 29, "keys of the refused chunk were kept"
+    execute(pg_url, "INSERT INTO refs VALUES (-1)")
+    again, summary = run_json(cli, "run", "deferred", "--database-url", pg_url, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert (summary["skipped"], summary["succeeded"]) == (29, 1)
+    items = sorted(item for (item,) in query(pg_url, "SELECT item FROM effects"))
+    assert items == list(range(30)), "an effect is missing or doubled"
