@@ -19,12 +19,14 @@ take part in serialization.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,7 @@ class Database:
 
     url: str
     engine: Engine
-    session_factory: sessionmaker[Session]
+    session_factory: sessionmaker[ItemSession]
     dialect: str
     job: str
     isolation: str
@@ -241,7 +243,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
         hint = MYSQL_DRIVER_HINT if family(dialect) == "mysql" else f"driver not available ({error})"
         raise ConfigError(f"database URL {shown!r}: {hint}") from None
 
-    factory = sessionmaker(bind=engine)
+    factory = sessionmaker(bind=engine, class_=ItemSession)
     event.listen(factory, "after_begin", _check_owner)
     database = Database(url, engine, factory, dialect, job, isolation)
     try:
@@ -345,6 +347,58 @@ def _refuse_if_short(limits: list[tuple[int, int, str]], needed: int, workers: i
 
 def family(dialect: str) -> str:
     return "mysql" if dialect in ("mysql", "mariadb") else dialect
+
+
+JOB_CODE = "jobrunner_job_code"  # Session.info: the job's code is running on this session
+UNDONE_BY_JOB = "jobrunner_undone_by_job"  # Session.info: the job's code rolled back its work
+
+
+class ItemSession(Session):
+    """Every session jobrunner makes. While the job's own code runs on it (see
+    :func:`job_code`), the transaction is the item's (or the chunk's), and only
+    jobrunner ends it: the job's ``commit()`` flushes (its work so far becomes
+    durable when jobrunner commits the item, never before), and its
+    ``rollback()`` or ``close()`` undoes the work of the current transaction
+    (or, in a chunk isolating a bad item, of the current part) and fails the
+    item, since the rest of it is gone. So an item that commits and then
+    raises leaves nothing, and a commit by job code is no way around the
+    fence that jobrunner asks before every commit."""
+
+    def commit(self) -> None:
+        if self.info.get(JOB_CODE):
+            self.flush()
+            return
+        super().commit()
+
+    def rollback(self) -> None:
+        if self.info.get(JOB_CODE):
+            self.info[UNDONE_BY_JOB] = "rollback()"
+            nested = self.get_nested_transaction()
+            if nested is not None:
+                # Only the part of a chunk jobrunner is trying, and a savepoint
+                # again for whatever the job does next: jobrunner undoes the
+                # part (see transaction.Unit._isolating) and fails the item.
+                nested.rollback()
+                self.begin_nested()
+                return
+        super().rollback()
+
+    def close(self) -> None:
+        if self.info.get(JOB_CODE):
+            self.rollback()
+            self.info[UNDONE_BY_JOB] = "close()"
+            return
+        super().close()
+
+
+@contextlib.contextmanager
+def job_code(session: Session) -> Iterator[None]:
+    """The job's own code runs on ``session`` for the ``with`` block."""
+    session.info[JOB_CODE] = True
+    try:
+        yield
+    finally:
+        session.info.pop(JOB_CODE, None)
 
 
 def _check_owner(session: Session, transaction: Any, connection: Any) -> None:

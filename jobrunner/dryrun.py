@@ -280,7 +280,8 @@ def run(
                 session = savepoint_session()
                 try:
                     changes.start(session)
-                    job.setup(ctx, session)
+                    with dbmod.job_code(session):
+                        job.setup(ctx, session)
                     session.commit()
                     changes.keep(session)
                 except Exception as error:  # noqa: BLE001 - the job's own code

@@ -83,6 +83,13 @@ class CommitInDoubt(JobrunnerError):
     exit_code = EX_FAILED
 
 
+class ItemRolledBack(JobrunnerError):
+    """The job's code rolled back (or closed) the item's session: its work is
+    gone, so the item fails rather than count as done."""
+
+    exit_code = EX_FAILED
+
+
 class CannotUndo(JobrunnerError):
     """MySQL and MariaDB commit DDL at once, inside any transaction: a dry
     run cannot undo it, so it refuses the statement (the item or setup fails)."""

@@ -244,7 +244,8 @@ class _Run:
         while True:
             try:
                 with self.database.session() as session:
-                    self.job.setup(self.ctx, session)
+                    with dbmod.job_code(session):
+                        self.job.setup(self.ctx, session)
                     session.commit()
                 return True
             except Exception as error:  # noqa: BLE001 - the job's own code

@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 
 from jobrunner import attempt
 from jobrunner.attempt import ChunkSize, Do, Verdict
-from jobrunner.db import BEGAN_INFO
-from jobrunner.exceptions import CommitInDoubt, error_line
+from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, job_code
+from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.feed import Entry, Feed
 from jobrunner.outage import Kind, Outage, backoff, classify
 from jobrunner.progress import Progress
@@ -288,14 +288,17 @@ class Unit:
         conflict or the database gone is not the items' fault: it ends the
         whole attempt (the caller retries, waits or settles as decided)."""
         undo = self.changes.mark(session) if self.changes is not None else None
+        outer = session.get_nested_transaction()
         nested = session.begin_nested()
         try:
             self._run(session, part)
             nested.commit()
             return []
         except Exception as error:
-            if nested.is_active:
-                nested.rollback()
+            # Down to where this part began (the job's rollback() may have
+            # left a savepoint of its own inside it).
+            while (current := session.get_nested_transaction()) is not None and current is not outer:
+                current.rollback()
             if self.changes is not None:
                 self.changes.rewind(session, undo)
             if classify(error) is not Kind.FATAL:
@@ -313,11 +316,19 @@ class Unit:
             return found
 
     def _run(self, session: Session, work: list) -> None:
-        if self.batched and (len(work) > 1 or self.job.process is None):
-            self.job.process_batch(self.ctx, session, [value for _, _, value in work])
-        else:
-            for _, _, value in work:
-                self.job.process(self.ctx, session, value)
+        with job_code(session):
+            if self.batched and (len(work) > 1 or self.job.process is None):
+                self.job.process_batch(self.ctx, session, [value for _, _, value in work])
+            else:
+                for _, _, value in work:
+                    self.job.process(self.ctx, session, value)
+        undone = session.info.pop(UNDONE_BY_JOB, None)
+        if undone is not None:
+            hook = "process_batch()" if self.batched and len(work) > 1 else "process()"
+            raise ItemRolledBack(
+                f"{hook} called session.{undone}, which undid the item's work: the item fails (jobrunner "
+                "commits or rolls back each item; raise to fail one)"
+            )
 
     def _failed_alone(self, failed: list[tuple[Any, BaseException]]) -> None:
         """Items isolated in a transaction that committed: their failures

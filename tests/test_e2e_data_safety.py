@@ -349,3 +349,51 @@ def test_sqlite_slow_work_in_prepare_overlaps_and_in_process_is_called_out(
     assert slow.returncode == 0, slow.stderr
     assert "held SQLite's write lock for 0.2" in slow.stderr and "prepare()" in slow.stderr
     assert query(sqlite_url, "SELECT count(*) FROM slow") == [(48,)]
+
+
+SELF_COMMITTING = """
+\"\"\"Domain code that commits its own work, then sometimes fails or rolls back.\"\"\"
+from sqlalchemy import text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS done (item INTEGER NOT NULL)"))
+    session.commit()  # setup's own commit: harmless
+
+def items(ctx, session):
+    return range(40)
+
+def process(ctx, session, item):
+    session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+    session.commit()
+    if item % 10 == 3:
+        raise ValueError(f"item {item} fails after its commit")
+    if item % 10 == 7:
+        session.rollback()
+        session.execute(text("INSERT INTO done VALUES (:i)"), {"i": 1000 + item})
+"""
+
+
+@pytest.mark.parametrize("batch", ["1", "10"])
+def test_commits_and_rollbacks_by_the_jobs_code_never_split_an_item(cli, write_job, db_url, batch):
+    """Measured on the landed runner: an item that inserted a row, called
+    session.commit() and then raised was counted failed while its row stayed."""
+    write_job("selfcommit", SELF_COMMITTING)
+    out = cli("run", "selfcommit", "--database-url", db_url, "-b", batch, "--json")
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    bad = {i for i in range(40) if i % 10 in (3, 7)}
+    assert (summary["succeeded"], summary["failed"]) == (40 - len(bad), len(bad))
+    rolled = [f for f in summary["failures"] if f["item"] in {"7", "17", "27", "37"}]
+    assert all("called session.rollback()" in f["error"] for f in rolled), rolled
+    rows = sorted(item for (item,) in query(db_url, "SELECT item FROM done"))
+    assert rows == sorted(set(range(40)) - bad), "a failed item's own commit was kept"
+
+
+def test_a_dry_run_keeps_nothing_that_the_jobs_code_committed(cli, write_job, db_url):
+    write_job("selfcommit", SELF_COMMITTING)
+    assert cli("run", "selfcommit", "--database-url", db_url, "--param", "n=0").returncode in (0, 1)
+    execute(db_url, "DELETE FROM done")
+    out = cli("run", "selfcommit", "--database-url", db_url, "--dry-run", "--json")
+    assert out.returncode == 1, out.stderr
+    assert query(db_url, "SELECT count(*) FROM done") == [(0,)]
+    assert json.loads(out.stdout)["changes"]["done"]["insert"] == 32
