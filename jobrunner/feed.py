@@ -150,16 +150,25 @@ class ItemFilter:
     """
 
     def __init__(
-        self, skip_keys: frozenset[str], item_key: Callable[[Any], Any] | None, on_skip: Callable[[], None]
+        self,
+        skip_keys: frozenset[str],
+        item_key: Callable[[Any], Any] | None,
+        on_skip: Callable[[], None],
+        taken_over: frozenset[str] = frozenset(),
     ):
-        self.skip_keys = skip_keys
+        self.skip_keys = skip_keys  # committed by the runs this one resumes: skipped, and counted
+        self.taken_over = taken_over  # in the work table already, this run's to do: not fed twice
         self.item_key = item_key
         self.on_skip = on_skip
 
     def __call__(self, item: Any) -> bool:
-        if self.skip_keys and self.item_key is not None and str(self.item_key(item)) in self.skip_keys:
-            self.on_skip()
-            return False
+        if (self.skip_keys or self.taken_over) and self.item_key is not None:
+            key = str(self.item_key(item))
+            if key in self.skip_keys:
+                self.on_skip()
+                return False
+            if key in self.taken_over:
+                return False
         if getattr(type(item), "_sa_class_manager", None) is not None:
             raise ItemRefused(
                 f"items() yielded an ORM instance ({type(item).__name__}); yield its "

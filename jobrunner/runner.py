@@ -366,8 +366,9 @@ class _Run:
         return TxidCheck() if self.database.family == "postgresql" and not self.config.dry_run else None
 
     def _filter(self) -> ItemFilter:
-        skip = self.opening.skip_keys | self.role.skip_keys()
-        return ItemFilter(skip, self.job.item_key, self.progress.skip)
+        return ItemFilter(
+            self.opening.skip_keys, self.job.item_key, self.progress.skip, taken_over=self.role.skip_keys()
+        )
 
     def _started(self, items: Any, session: Session | None) -> None:
         if hasattr(items, "__len__"):

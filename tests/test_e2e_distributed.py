@@ -579,3 +579,52 @@ def test_a_local_helper_that_dies_is_mentioned_and_its_items_are_done(spawn, wri
     assert code == 0, err
     assert f"helper pid {pid} on this host was killed by SIGKILL" in err, err
     items_once(pg_url, 1500)
+
+
+def test_resuming_a_distributed_run_that_had_not_fed_everything_counts_each_item_once(
+    cli, spawn, write_job, pg_url
+):
+    """Seen in the field: skipped 44,000 + succeeded 17,647 for a 60,000-item
+    job: the items taken over from the work table were counted as skipped too."""
+    write_job("batch", BATCH)
+    # More items than the work table's bound (1,000): the leader dies before it has fed them all.
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        "n=4000",
+        "--param",
+        "sleep=0.01",
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=100)
+    leader.send_signal(signal.SIGKILL)
+    finish(leader)
+    [(fed_all,)] = query(pg_url, "SELECT fed_all FROM jobrunner_runs")
+    assert not fed_all, "the leader fed everything before it died: the test needs more items"
+    out = cli(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "-b",
+        "5",
+        "--param",
+        "n=4000",
+        "--resume",
+        "-P",
+        "2",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert "took over" in out.stderr
+    [(committed_before,)] = query(pg_url, "SELECT count(*) FROM jobrunner_item_keys WHERE run_id = 1")
+    assert summary["skipped"] == committed_before
+    assert summary["skipped"] + summary["succeeded"] == 4000, summary
+    items_once(pg_url, 4000)
+    assert query(pg_url, "SELECT count(*) FROM jobrunner_work") == [(0,)], "rows of a finished run stayed"
