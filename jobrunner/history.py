@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, desc, insert, or_, select, update
+from sqlalchemy import and_, delete, desc, func, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobrunner import db as dbmod
@@ -41,6 +41,11 @@ COUNTS = ("succeeded", "failed", "retried", "skipped", "replayed", "rolled_back"
 CRASHED_NOTE = (
     "its end was never recorded: the process was killed, or the database was unreachable "
     "when it ended; the counts are those of its last checkpoint"
+)
+CRASHED_NOTE_KNOWN = (
+    "its end was never recorded: the process was killed, or the database was unreachable "
+    "when it ended; succeeded (and, for a distributed run, failed) counts what it committed, "
+    "the other counts are those of its last checkpoint"
 )
 
 
@@ -82,6 +87,8 @@ class RunRecorder:
         self.notice = notice
         self.outage = outage
         self.run_id: int | None = None
+        # Counts of the runs mark_crashed found dead: no metrics file ever saw them.
+        self.crashed: list[dict[str, int]] = []
 
     def _write(self, what: str, action: Callable[[Any], Any], *, patient: bool = True) -> Any:
         """Run ``action`` in a transaction of its own. Patient: wait out an outage
@@ -116,10 +123,20 @@ class RunRecorder:
         dead = [runs.c.id.in_(self._dead_no_lock_runs())]
         if holding_lock:
             dead.append(locked(runs))
-        statement = (
-            update(runs).where(*where, or_(*dead)).values(status=Status.CRASHED.value, error=CRASHED_NOTE)
-        )
-        count = self._write("mark crashed runs", lambda s: s.execute(statement).rowcount)
+
+        def mark(session: Any) -> int:
+            ids = session.execute(select(runs.c.id).where(*where, or_(*dead))).scalars().all()
+            for run_id in ids:
+                values: dict[str, Any] = {"status": Status.CRASHED.value, "error": CRASHED_NOTE}
+                known = _committed(session, run_id)
+                if known:
+                    values.update(known, error=CRASHED_NOTE_KNOWN)
+                session.execute(update(runs).where(runs.c.id == run_id, *where).values(**values))
+                row = session.execute(select(*(runs.c[k] for k in COUNTS)).where(runs.c.id == run_id)).one()
+                self.crashed.append(dict(zip(COUNTS, row, strict=True)))
+            return len(ids)
+
+        count = self._write("mark crashed runs", mark)
         return count or 0
 
     def _dead_no_lock_runs(self) -> list[int]:
@@ -430,3 +447,20 @@ def purge_before(config: Any, before: datetime, job: str | None) -> tuple[int, i
 def _rowcount(result: Any) -> int:
     """Rows a DML statement changed (a CursorResult's; typed loosely by SQLAlchemy)."""
     return int(result.rowcount)
+
+
+def _committed(session: Any, run_id: int) -> dict[str, int]:
+    """What a run that died had committed, when the database can say: a
+    distributed run's items left its work table by a commit or a recorded
+    failure; a resumable run's keys commit with its items. Empty if unknown."""
+    runs, work, failures, keys = tables.runs, tables.work, tables.failures, tables.item_keys
+    fed = session.scalar(select(runs.c.fed).where(runs.c.id == run_id)) or 0
+
+    def count(table: Any) -> int:
+        return session.scalar(select(func.count()).select_from(table).where(table.c.run_id == run_id)) or 0
+
+    if fed:
+        failed = count(failures)
+        return {"succeeded": fed - failed - count(work), "failed": failed}
+    committed = count(keys)
+    return {"succeeded": committed} if committed else {}

@@ -74,13 +74,21 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def update(path: Path, result: RunResult, now: float | None = None) -> None:
+def update(
+    path: Path, result: RunResult, now: float | None = None, *, crashed: list[dict[str, int]] | None = None
+) -> None:
+    """``crashed``: the counts of earlier runs this one found dead and marked
+    crashed. They never wrote this file; their items join the counter now."""
     with _exclusive(path):
-        _update(path, result, time.time() if now is None else now)
+        _update(path, result, time.time() if now is None else now, crashed or [])
 
 
-def _update(path: Path, result: RunResult, now: float) -> None:
+def _update(path: Path, result: RunResult, now: float, crashed: list[dict[str, int]]) -> None:
     samples = read(path)
+    for counts in crashed:
+        for outcome in OUTCOMES:
+            key = ("jobrunner_items_total", _labels(job=result.job, outcome=outcome))
+            samples[key] = samples.get(key, 0.0) + counts.get(outcome, 0)
     job = _labels(job=result.job)
     if result.status is Status.LOCKED:
         samples[("jobrunner_last_skipped_timestamp_seconds", job)] = now

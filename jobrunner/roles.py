@@ -177,6 +177,11 @@ class Leading(Single):
         # Now, not after setup(): a spawned interpreter takes a second to start.
         self.leader.start_local_helpers()
 
+    def close(self, result: Any) -> None:
+        super().close(result)
+        if self.leader is not None:  # its own row in jobrunner_run_processes, as a helper's
+            self.leader.row.finish(result.status, self.r.progress)
+
     def new_backend(self, backend: str | None) -> None:
         """Helpers follow the lock to its new connection."""
         if self.leader is not None:

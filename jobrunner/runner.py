@@ -116,7 +116,7 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
         raise active.config_error
     reporter.finished(result)
     if result.role != "helper":
-        _write_metrics(config, result, reporter)
+        _write_metrics(config, result, reporter, crashed=active.recorder.crashed)
     if active.abandoned:
         leave_now(result.exit_code)
     return result
@@ -140,14 +140,16 @@ def leave_now(code: int) -> None:
     os._exit(code)
 
 
-def _write_metrics(config: Config, result: RunResult, reporter: Reporter) -> None:
+def _write_metrics(
+    config: Config, result: RunResult, reporter: Reporter, crashed: list[dict[str, int]] | None = None
+) -> None:
     path = config.metrics_path
     if path is None:
         return
     from jobrunner import metrics
 
     try:
-        metrics.update(path, result)
+        metrics.update(path, result, crashed=crashed or [])
     except OSError as error:
         reporter.notice(f"cannot write the metrics file {path}: {error.strerror or error}")
 

@@ -51,6 +51,9 @@ def test_processes_share_one_run_and_each_item_is_done_once(cli, write_job, pg_u
     [run] = json.loads(cli("history", "batch", "--database-url", pg_url, "--json").stdout)
     assert run["succeeded"] == 3000 and len(run["processes"]) == 3
     assert {p["role"] for p in run["processes"]} == {"leader", "helper"}
+    # Every process row, the leader's too, says how it ended.
+    rows = query(pg_url, "SELECT role, status, finished_at IS NOT NULL FROM jobrunner_run_processes")
+    assert sorted(rows) == [("helper", "succeeded", True)] * 2 + [("leader", "succeeded", True)], rows
 
 
 def test_each_claim_takes_consecutive_items_a_batch_at_a_time(cli, write_job, pg_url):
@@ -218,6 +221,8 @@ def test_when_the_leader_dies_helpers_stop_and_resume_finishes_the_rest(cli, spa
         pg_url, f"SELECT count(*) FROM batch_rows WHERE pid = {helper.pid} AND t1 > {killed_at + 2}"
     )
     assert late == 0, "the helper kept committing after its leader died"
+    [(first,)] = query(pg_url, "SELECT min(id) FROM jobrunner_runs")
+    [(committed,)] = query(pg_url, "SELECT count(*) FROM batch_rows")
     out = cli(
         "run",
         "batch",
@@ -236,6 +241,9 @@ def test_when_the_leader_dies_helpers_stop_and_resume_finishes_the_rest(cli, spa
     summary = json.loads(out.stdout)
     assert "took over" in out.stderr and summary["skipped"] == 0
     items_once(pg_url, 1000)
+    # The run that died is recorded with what it committed over both its processes.
+    [(status, succeeded)] = query(pg_url, f"SELECT status, succeeded FROM jobrunner_runs WHERE id = {first}")
+    assert (status, succeeded) == ("crashed", committed)
 
 
 def test_no_new_run_while_a_helper_of_an_older_run_can_still_commit(cli, spawn, write_job, pg_url):

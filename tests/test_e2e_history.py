@@ -168,3 +168,26 @@ def test_keys_of_a_chunk_rolled_back_at_commit_are_not_kept_and_resume_does_each
     assert (summary["skipped"], summary["succeeded"]) == (29, 1)
     items = sorted(item for (item,) in query(pg_url, "SELECT item FROM effects"))
     assert items == list(range(30)), "an effect is missing or doubled"
+
+
+def test_a_run_that_died_is_marked_crashed_with_what_it_committed_and_metrics_count_it(
+    cli, spawn, write_job, db_url, tmp_path
+):
+    """History showed the last checkpoint's counts, and no metric ever counted
+    the items of a run that died."""
+    write_job("resumable", RESUMABLE)
+    args = ("run", "resumable", "--database-url", db_url, "--metrics-file", "m.prom")
+    victim = spawn(*args, "--param", "n=100000", "--param", "sleep=0.002")
+    wait_for_rows(db_url, "effects", minimum=200)
+    victim.send_signal(signal.SIGKILL)
+    finish(victim)
+    [(committed,)] = query(db_url, "SELECT count(*) FROM effects")
+    out = cli(*args, "--param", "n=10")
+    assert out.returncode == 0, out.stderr
+    [first] = [
+        r for r in json.loads(cli("history", "--database-url", db_url, "--json").stdout) if r["id"] == 1
+    ]
+    assert first["status"] == "crashed" and "counts what it committed" in first["error"]
+    assert first["succeeded"] == committed, (first["succeeded"], committed)
+    text = (tmp_path / "m.prom").read_text()
+    assert f'jobrunner_items_total{{job="resumable",outcome="succeeded"}} {committed + 10}' in text, text
