@@ -31,7 +31,7 @@ from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from jobrunner import history, jobs, tables
@@ -304,6 +304,18 @@ class Leader:
                 f"helper pid {child.pid} on this host {how}: the items it had in flight went back to the "
                 "work table for the other processes; the counts it had not yet recorded are lost with it"
             )
+
+
+def forget_other_runs(database: Database, job: str, keep: int) -> int:
+    """Holding the job's lock, once this run has taken over what it resumes:
+    the work-table rows of every other run of the job are of no use to anyone
+    (only the latest unfinished run can be resumed, and no helper of theirs
+    can still commit), so they go. Without this a crashed run's rows stayed
+    for good."""
+    work, runs = tables.work, tables.runs
+    others = select(runs.c.id).where(runs.c.job == job, runs.c.id != keep)
+    with database.bookkeeping() as session, session.begin():
+        return history._rowcount(session.execute(delete(work).where(work.c.run_id.in_(others))))
 
 
 def totals(database: Database, run_id: int, progress: Progress) -> dict[str, Any]:

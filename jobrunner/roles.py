@@ -93,6 +93,14 @@ class Single:
         r.opening = history.open_run(
             r.recorder, r.config, lock=lock, resumable=resumable, info=r.reporter.info
         )
+        self.forget_other_runs()
+
+    def forget_other_runs(self) -> None:
+        """A single-process run feeds no work table: whatever an earlier
+        distributed run left there is redone through items() and resume keys."""
+        r = self.r
+        if r.guard is not None and r.database.family == "postgresql" and r.opening.run_id is not None:
+            distributed.forget_other_runs(r.database, r.job.name, keep=r.opening.run_id)
 
     def close(self, result: Any) -> None:
         """Before the lock is released: the next run must not find this one
@@ -158,6 +166,9 @@ class Leading(Single):
             )
         return "advisory"
 
+    def forget_other_runs(self) -> None:
+        pass  # after open() has taken over what the resumed run left
+
     def open(self) -> None:
         super().open()
         r = self.r
@@ -174,6 +185,7 @@ class Leading(Single):
         )
         backend = r.guard.backend if isinstance(r.guard, Guard) else None
         self.leader.open(backend, r.opening.resumed_from)
+        distributed.forget_other_runs(r.database, r.job.name, keep=r.opening.run_id)
         # Now, not after setup(): a spawned interpreter takes a second to start.
         self.leader.start_local_helpers()
 

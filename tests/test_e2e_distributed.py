@@ -636,3 +636,31 @@ def test_resuming_a_distributed_run_that_had_not_fed_everything_counts_each_item
     assert summary["skipped"] + summary["succeeded"] == 4000, summary
     items_once(pg_url, 4000)
     assert query(pg_url, "SELECT count(*) FROM jobrunner_work") == [(0,)], "rows of a finished run stayed"
+
+
+def test_no_rows_of_a_crashed_distributed_run_stay_in_the_work_table(cli, spawn, write_job, pg_url):
+    """A --join run killed with rows in its work table, resumed by a plain
+    start: the rows of the old run stayed in jobrunner_work for good."""
+    write_job("batch", BATCH)
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        pg_url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        "n=800",
+        "--param",
+        "sleep=0.01",
+    )
+    wait_for_rows(pg_url, "batch_rows", minimum=50)
+    leader.send_signal(signal.SIGKILL)
+    finish(leader)
+    [(left,)] = query(pg_url, "SELECT count(*) FROM jobrunner_work")
+    assert left > 0, "the test needs rows left behind"
+    out = cli("run", "batch", "--database-url", pg_url, "--param", "n=800", "--resume", "--json")
+    assert out.returncode == 0, out.stderr
+    items_once(pg_url, 800)
+    assert query(pg_url, "SELECT count(*) FROM jobrunner_work") == [(0,)]
