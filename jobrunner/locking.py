@@ -336,6 +336,7 @@ class Guard(_Heartbeat):
         self.record_holder = record_holder
         self.on_retake = on_retake
         self.backend: str | None = None
+        self._since: datetime | None = None
 
     def _take(self, *, initial: bool) -> tuple[Any, Any]:
         session = self.database.guard_session(self.job)
@@ -384,11 +385,11 @@ class Guard(_Heartbeat):
         return backend_identity(session)
 
     def _write_holder(self) -> None:
-        values = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "since": datetime.now(UTC).replace(tzinfo=None),
-        }
+        # "since" is when this run took the lock first: a retake after a lost
+        # connection is the same run, and status must not say it began then.
+        if self._since is None:
+            self._since = datetime.now(UTC).replace(tzinfo=None)
+        values = {"host": socket.gethostname(), "pid": os.getpid(), "since": self._since}
         if self.database.family == "mysql":
             statement = mysql.insert(tables.lock_holders).values(job=self.job, **values)
             statement = statement.on_duplicate_key_update(**values)

@@ -158,6 +158,7 @@ def test_items_in_flight_when_the_lock_is_lost_never_commit(spawn, write_job, pg
     )
     wait_for_rows(pg_url, "jobrunner_runs")
     time.sleep(1.0)  # the first four items are half-way through
+    [(since,)] = query(pg_url, "SELECT since FROM jobrunner_lock_holders WHERE job = 'two_rows'")
     killed_at = time.time()
     database = pg_url.rsplit("/", 1)[1]
     killed = query(
@@ -169,6 +170,8 @@ def test_items_in_flight_when_the_lock_is_lost_never_commit(spawn, write_job, pg
     code, _, err = finish(run, timeout=60)
     assert code == 0, err
     assert "lock in doubt" in err and "lock taken again" in err
+    # status and the 'already running' line say when the run took the lock, not when it took it again
+    assert query(pg_url, "SELECT since FROM jobrunner_lock_holders WHERE job = 'two_rows'") == [(since,)]
     stale = query(pg_url, f"SELECT item, t0, t1 FROM pairs WHERE part = 2 AND t0 < {killed_at}")
     assert stale == [], f"items begun before the loss committed after it: {stale}"
     assert_whole_items(pg_url)
