@@ -13,15 +13,18 @@ The price: one connection, so items run one at a time in this thread
 (``--workers`` does not apply), and the transaction holds the locks of every
 row it changes until the end (on SQLite, the database's write lock).
 
-The change report counts, per table, the rows each statement reported as
-inserted, updated or deleted, only for chunks that ended well.
+It is the one run of ``runner.py`` in the role ``roles.Rehearsal``: this
+module supplies its sessions (:class:`OneTransaction`), its feed
+(:class:`SerialFeed`, no threads) and its change report (PostgreSQL's own
+counts, or each statement's rowcount elsewhere), counted only for chunks
+that ended well.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
@@ -219,11 +222,65 @@ def _refuse_ddl(
     )
 
 
-class _Serial:
-    """The dry run's feed: items come straight from the iterator, in this thread."""
+class OneTransaction:
+    """The dry run's sessions: every one on one connection, inside one
+    transaction that is rolled back at the end; each session's own
+    transaction is a savepoint (released when a chunk or setup() ends well,
+    rolled back when it fails), as a real run would commit or roll back."""
+
+    def __init__(self, database: dbmod.Database) -> None:
+        self.database = database
+        self._connection: Any = None
+        self._outer: Any = None
+
+    def __enter__(self) -> OneTransaction:
+        database = self.database
+        # READ COMMITTED on a server: one long transaction at REPEATABLE READ would
+        # see a snapshot from its start and fail on rows that others changed since.
+        engine = (
+            database.engine
+            if database.is_sqlite
+            else database.engine.execution_options(isolation_level=dbmod.BOOKKEEPING)
+        )
+        self._connection = engine.connect()
+        if database.family == "mysql":
+            event.listen(self._connection, "before_cursor_execute", _refuse_ddl, retval=True)
+        self._outer = self._connection.begin()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._outer.rollback()
+        finally:
+            self._connection.close()
+
+    def session(self) -> Session:
+        session = self.database.session_factory(
+            bind=self._connection, join_transaction_mode="create_savepoint"
+        )
+        session.info["owner_thread"] = threading.get_ident()
+        return session
+
+    reader = session
+
+
+class SerialFeed:
+    """The dry run's feed: items go from items() straight to the unit of
+    work, chunk by chunk, in this thread, on one session of the one
+    transaction (so items see what earlier items did, as they run)."""
+
+    def __init__(self, sessions: OneTransaction, batch_size: int, stop: threading.Event) -> None:
+        self.sessions = sessions
+        self.batch_size = batch_size
+        self.stop = stop
+        self.unit: Callable[[Session, list[Entry]], None] | None = None
 
     def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
-        raise RuntimeError("a dry run reads items() itself")
+        assert self.unit is not None, "the unit of work is attached first"
+        with self.sessions.session() as work:
+            stream = ((item, None) for item in items if accept(item))
+            while not self.stop.is_set() and (chunk := list(islice(stream, self.batch_size))):
+                self.unit(work, chunk)
 
     def finish(self, consumers: int) -> None:
         pass
@@ -239,97 +296,3 @@ class _Serial:
 
     def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
         pass
-
-
-SERIAL = _Serial()
-
-
-def run(
-    *,
-    database: dbmod.Database,
-    job: Any,
-    ctx: Any,
-    unit: Callable[[Session, list[Entry]], None],
-    changes: ChangeCounter,
-    accept: Callable[[Any], bool],
-    batch_size: int,
-    stop: threading.Event,
-    started: Callable[[Any, Session], None],
-    failed: Callable[[str, BaseException], None],
-) -> None:
-    """Run the whole job in one transaction, then roll it back."""
-    # READ COMMITTED on a server: one long transaction at REPEATABLE READ would
-    # see a snapshot from its start and fail on rows that others changed since.
-    engine = (
-        database.engine
-        if database.is_sqlite
-        else database.engine.execution_options(isolation_level=dbmod.BOOKKEEPING)
-    )
-    with engine.connect() as connection:
-        if database.family == "mysql":
-            event.listen(connection, "before_cursor_execute", _refuse_ddl, retval=True)
-        outer = connection.begin()
-        try:
-
-            def savepoint_session() -> Session:
-                session = database.session_factory(bind=connection, join_transaction_mode="create_savepoint")
-                session.info["owner_thread"] = threading.get_ident()
-                return session
-
-            if job.setup is not None:
-                session = savepoint_session()
-                try:
-                    changes.start(session)
-                    with dbmod.job_code(session):
-                        job.setup(ctx, session)
-                    session.commit()
-                    changes.keep(session)
-                except Exception as error:  # noqa: BLE001 - the job's own code
-                    session.rollback()
-                    changes.discard()
-                    failed("setup()", error)
-                    return
-                finally:
-                    session.close()
-            reader = savepoint_session()
-            work = savepoint_session()
-            try:
-                try:
-                    items = job.items(ctx, reader)
-                    started(items, reader)
-                    for chunk in _chunks(items, accept, batch_size):
-                        if stop.is_set():
-                            break
-                        unit(work, chunk)
-                except _ItemsFailed as error:
-                    failed("items()", error.__cause__ or error)
-                except Exception as error:  # noqa: BLE001 - the job's own code
-                    failed("items()", error)
-            finally:
-                work.close()
-                reader.close()
-        finally:
-            outer.rollback()
-
-
-class _ItemsFailed(Exception):
-    """Iterating items() raised (the cause), as opposed to processing them."""
-
-
-def _chunks(items: Iterable[Any], accept: Callable[[Any], bool], size: int) -> Iterator[list[Entry]]:
-    def accepted() -> Iterator[Entry]:
-        iterator = iter(items)
-        while True:
-            try:
-                item = next(iterator)
-                keep = accept(item)
-            except StopIteration:
-                return
-            except Exception as error:
-                raise _ItemsFailed() from error
-            if keep:
-                yield item, None
-
-    stream = accepted()
-    while chunk := list(islice(stream, size)):
-        yield chunk

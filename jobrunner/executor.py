@@ -16,11 +16,42 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from jobrunner.exceptions import WorkerCrashed
 
 S = TypeVar("S")
+
+
+class Executor(Protocol):
+    """What the run needs of its executor: threads (:class:`Workers`), or none (:class:`Serial`)."""
+
+    count: int
+
+    def start(self, produce: Callable[[], None] | None = None) -> None: ...
+    def join_producer(self, timeout: float) -> None: ...
+    def alive(self) -> bool: ...
+    def wait(self, timeout: float) -> bool: ...
+
+
+class Serial:
+    """No threads at all: ``produce`` does the work in the calling thread (a
+    dry run, whose one transaction lives on one connection)."""
+
+    count = 1
+
+    def start(self, produce: Callable[[], None] | None = None) -> None:
+        if produce is not None:
+            produce()
+
+    def join_producer(self, timeout: float) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return True
 
 
 class Workers(Generic[S]):

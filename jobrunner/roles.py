@@ -12,7 +12,9 @@ what differs:
   commit is the helper fence, its items come from the work table, it neither
   sets up nor feeds, and its record is its row in ``jobrunner_run_processes``.
 
-A dry run is a Single run whose run is rolled back (see ``dryrun.py``).
+- :class:`Rehearsal`: a dry run. As Single, but every session lives in one
+  transaction on one connection, rolled back at the end, and the items run
+  in this thread, one chunk after another (see ``dryrun.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from jobrunner import distributed, history
+from sqlalchemy.orm import Session
+
+from jobrunner import distributed, dryrun, history
 from jobrunner.exceptions import first_line
+from jobrunner.executor import Executor, Serial, Workers
 from jobrunner.feed import Feed, MemoryFeed
 from jobrunner.locking import Guard, HelperFence
 from jobrunner.outage import Kind, classify
@@ -111,6 +116,24 @@ class Single:
     def feed(self) -> Feed:
         r = self.r
         return MemoryFeed(r.config.workers * r.config.batch_size, r.stop.event)
+
+    def sessions(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the run's sessions come from (``.session()``, ``.reader()``),
+        for as long as its setup and items run."""
+        return contextlib.nullcontext(self.r.database)
+
+    def executor(self, unit: Any, feed: Feed) -> Executor:
+        """The threads that run the items: one session each."""
+        r = self.r
+        return Workers(
+            workers=r.config.workers,
+            open_session=r.database.session,
+            close_session=Session.close,
+            take=lambda session: feed.take(session, unit.chunk_size().size),
+            work=unit,
+            pause=lambda: not r.outage.active or r.outage.wait(),
+            thread_name=self.thread_name(),
+        )
 
     def substitute_items(self) -> Iterable[Any] | None:
         """Items to report instead of calling items() (see must_feed)."""
@@ -317,6 +340,30 @@ class Helping(Single):
         return f"jobrunner-{self.r.job.name}-helper"
 
 
+class Rehearsal(Single):
+    """A dry run: the one run, in one transaction that is rolled back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sessions: dryrun.OneTransaction | None = None
+
+    def sessions(self) -> contextlib.AbstractContextManager[Any]:
+        self._sessions = dryrun.OneTransaction(self.r.database)
+        return self._sessions
+
+    def feed(self) -> Feed:
+        assert self._sessions is not None, "the feed comes after the sessions"
+        r = self.r
+        return dryrun.SerialFeed(self._sessions, r.config.batch_size, r.stop.event)
+
+    def executor(self, unit: Any, feed: Feed) -> Executor:
+        if isinstance(feed, dryrun.SerialFeed):
+            feed.unit = unit
+        return Serial()
+
+
 def for_config(config: Any) -> Single:
     """The role of a run that takes the job's lock."""
+    if config.dry_run:
+        return Rehearsal()
     return Leading() if config.distributed else Single()

@@ -1,11 +1,14 @@
 """One run of one job: load it, connect, take the lock, set up, fan the items
 out over the workers, and hand one :class:`RunResult` to the reporter.
 
-This module only orchestrates. The pieces it puts together live apart:
-``transaction.py`` (one chunk of items in one transaction), ``feed.py`` (how
-items reach the workers), ``executor.py`` (the threads), ``locking.py`` (the
-lock and the fence), ``outage.py`` (waiting out the database), ``stop.py``
-(why a run stops), ``dryrun.py`` (the one-transaction dry run).
+There is one run, whatever the process is: a role (``roles.py``) supplies
+what differs between a single process, a distributed run's leader, a helper
+and a dry run. This module only orchestrates. The pieces it puts together
+live apart: ``transaction.py`` (one chunk of items in one transaction, the
+decisions of ``attempt.py`` carried out), ``feed.py`` and ``worktable.py``
+(how items reach the workers), ``executor.py`` (the threads), ``locking.py``
+(the lock and the fence), ``outage.py`` (waiting out the database),
+``stop.py`` (why a run stops), ``dryrun.py`` (the dry run's one transaction).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -34,8 +38,8 @@ from jobrunner.exceptions import (
     WorkerCrashed,
     error_line,
 )
-from jobrunner.executor import Workers
-from jobrunner.feed import Feed, ItemFilter
+from jobrunner.executor import Executor
+from jobrunner.feed import Feed, ItemFilter, MemoryFeed
 from jobrunner.locking import RunFence, _Heartbeat
 from jobrunner.outage import Kind, Outage, classify
 from jobrunner.progress import Progress
@@ -181,7 +185,8 @@ class _Run:
         )
         self.guard: _Heartbeat | None = None
         self.fence = RunFence(None, self.stop)
-        self.feed: Feed = dryrun.SERIAL
+        self.feed: Feed = MemoryFeed(1, self.stop.event)  # the role's, once the items start
+        self.sessions: Any = database  # the role's, while setup and items run
         self.changes: dryrun.ChangeCounter | None = None
         self.opening = history.Opening(None, None, frozenset())
         self.checkpoints = history.Checkpoints(self.recorder, self.progress, by_workers=database.is_sqlite)
@@ -206,10 +211,8 @@ class _Run:
                 signals = catch_signals(
                     self.stop, self.reporter.notice, self.config.shutdown_timeout, leaving=self._leaving
                 )
-                with signals:
-                    if self.config.dry_run:
-                        self._dry_run()
-                    elif self._setup():
+                with signals, self._counting_changes(), self.role.sessions() as self.sessions:
+                    if self._setup():
                         self._fan_out()
                 result = self._result(started_at, t0)
                 self.role.close(result)
@@ -220,6 +223,18 @@ class _Run:
                 self.job.name, held, started_at=started_at, duration=duration, config=self.config
             )
         return result
+
+    @contextlib.contextmanager
+    def _counting_changes(self) -> Iterator[None]:
+        """A dry run counts what it would have changed (see ``dryrun.py``)."""
+        if not self.config.dry_run:
+            yield
+            return
+        self.changes = dryrun.counter_for(self.database)
+        try:
+            yield
+        finally:
+            self.changes.close()
 
     def _leaving(self) -> None:
         """A second signal: the process leaves at once, in-flight items to the
@@ -245,12 +260,18 @@ class _Run:
         self.reporter.phase("setting up")
         while True:
             try:
-                with self.database.session() as session:
+                with self.sessions.session() as session:
+                    if self.changes is not None:
+                        self.changes.start(session)
                     with dbmod.job_code(session):
                         self.job.setup(self.ctx, session)
                     session.commit()
+                    if self.changes is not None:
+                        self.changes.keep(session)
                 return True
             except Exception as error:  # noqa: BLE001 - the job's own code
+                if self.changes is not None:
+                    self.changes.discard()
                 if classify(error) is Kind.GONE and self.outage.wait(error):
                     continue
                 self._failed("setup()", error)
@@ -259,15 +280,7 @@ class _Run:
     def _fan_out(self) -> None:
         self.feed = feed = self.role.feed()
         unit = self._unit(feed)
-        workers = Workers(
-            workers=self.config.workers,
-            open_session=self.database.session,
-            close_session=Session.close,
-            take=lambda session: feed.take(session, unit.chunk_size().size),
-            work=unit,
-            pause=lambda: not self.outage.active or self.outage.wait(),
-            thread_name=self.role.thread_name(),
-        )
+        workers = self.role.executor(unit, feed)
 
         def produce_items() -> None:  # the producer thread, with a reader session of its own
             try:
@@ -275,7 +288,7 @@ class _Run:
                 if substitute is not None:  # a resumed run that had fed everything
                     self._started(substitute, None)
                     return
-                with self.database.reader() as session:
+                with self.sessions.reader() as session:
                     session.info[paging.OUTAGE_INFO] = self.outage  # paged() waits out outages too
                     items = self.job.items(self.ctx, session)
                     self._started(items, session)
@@ -300,7 +313,7 @@ class _Run:
         workers.join_producer(timeout=1.0)
         self.role.after_workers()
 
-    def _supervise(self, workers: Workers[Session]) -> None:
+    def _supervise(self, workers: Executor) -> None:
         """The main thread while workers work: checkpoints, and the shutdown timeout."""
         stopped_at: float | None = None
         while not workers.wait(TICK_S):
@@ -321,24 +334,6 @@ class _Run:
                         "of the stop: they are rolled back"
                     )
                     return
-
-    def _dry_run(self) -> None:
-        self.changes = dryrun.counter_for(self.database)
-        try:
-            dryrun.run(
-                database=self.database,
-                job=self.job,
-                ctx=self.ctx,
-                unit=self._unit(dryrun.SERIAL),
-                changes=self.changes,
-                accept=self._filter(),
-                batch_size=self.config.batch_size,
-                stop=self.stop.event,
-                started=self._started,
-                failed=self._failed,
-            )
-        finally:
-            self.changes.close()
 
     def _unit(self, feed: Feed) -> Unit:
         run_id, key_of = self.opening.run_id, self.job.item_key
