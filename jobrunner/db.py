@@ -1,6 +1,6 @@
 """Engines, pools and sessions for one run.
 
-SQLite rules (measured, see the README's "SQLite" section): WAL, a 30 s busy
+SQLite rules (measured, see docs/databases.md, "SQLite"): WAL, a 30 s busy
 timeout, and ``BEGIN IMMEDIATE`` for every writing transaction. pysqlite's
 default opens no transaction for a SELECT, so two workers doing
 read-modify-write on one row lose an update; a plain ``BEGIN`` that later

@@ -192,7 +192,7 @@ def _delta(now: dict[tuple[str, str], int], then: dict[tuple[str, str], int]) ->
 
 
 def counter_for(database: Any) -> ChangeCounter:
-    """The best change report each database can give (see the README's dry-run section)."""
+    """The best change report each database can give (see docs/dry-runs-and-retries.md)."""
     if database.family == "postgresql":
         return ServerCounts(database.engine)
     return ChangeCounter(database.engine)

@@ -423,7 +423,7 @@ class SqliteLockWatch:
             self.notice(
                 f"{who} held SQLite's write lock for {held:.2f}s, so the other workers waited: on "
                 "SQLite, transactions run one at a time from their first statement to their commit. Do "
-                "slow work that needs no database in prepare() (see the README's SQLite section)"
+                "slow work that needs no database in prepare() (see docs/databases.md, SQLite)"
             )
         return self.warned
 
