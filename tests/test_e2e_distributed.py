@@ -15,6 +15,27 @@ from jobkit import BATCH
 pytestmark = pytest.mark.postgres
 
 
+def kill_a_join_leader_mid_run(spawn, url: str, *, items: int, after: int) -> None:
+    """A --join leader of ``items`` slow items of the BATCH job, SIGKILLed once
+    ``after`` of them have committed: it leaves rows in its work table."""
+    leader = spawn(
+        "run",
+        "batch",
+        "--database-url",
+        url,
+        "--join",
+        "-b",
+        "5",
+        "--param",
+        f"n={items}",
+        "--param",
+        "sleep=0.01",
+    )
+    wait_for_rows(url, "batch_rows", minimum=after)
+    leader.send_signal(signal.SIGKILL)
+    finish(leader)
+
+
 def items_once(url: str, n: int) -> list[tuple]:
     rows = query(url, "SELECT item, pid FROM batch_rows ORDER BY item")
     assert [item for item, _ in rows] == list(range(n)), f"{len(rows)} rows for {n} items"
@@ -596,22 +617,7 @@ def test_resuming_a_distributed_run_that_had_not_fed_everything_counts_each_item
     job: the items taken over from the work table were counted as skipped too."""
     write_job("batch", BATCH)
     # More items than the work table's bound (1,000): the leader dies before it has fed them all.
-    leader = spawn(
-        "run",
-        "batch",
-        "--database-url",
-        pg_url,
-        "--join",
-        "-b",
-        "5",
-        "--param",
-        "n=4000",
-        "--param",
-        "sleep=0.01",
-    )
-    wait_for_rows(pg_url, "batch_rows", minimum=100)
-    leader.send_signal(signal.SIGKILL)
-    finish(leader)
+    kill_a_join_leader_mid_run(spawn, pg_url, items=4000, after=100)
     [(fed_all,)] = query(pg_url, "SELECT fed_all FROM jobrunner_runs")
     assert not fed_all, "the leader fed everything before it died: the test needs more items"
     out = cli(
@@ -642,22 +648,7 @@ def test_no_rows_of_a_crashed_distributed_run_stay_in_the_work_table(cli, spawn,
     """A --join run killed with rows in its work table, resumed by a plain
     start: the rows of the old run stayed in jobrunner_work for good."""
     write_job("batch", BATCH)
-    leader = spawn(
-        "run",
-        "batch",
-        "--database-url",
-        pg_url,
-        "--join",
-        "-b",
-        "5",
-        "--param",
-        "n=800",
-        "--param",
-        "sleep=0.01",
-    )
-    wait_for_rows(pg_url, "batch_rows", minimum=50)
-    leader.send_signal(signal.SIGKILL)
-    finish(leader)
+    kill_a_join_leader_mid_run(spawn, pg_url, items=800, after=50)
     [(left,)] = query(pg_url, "SELECT count(*) FROM jobrunner_work")
     assert left > 0, "the test needs rows left behind"
     out = cli("run", "batch", "--database-url", pg_url, "--param", "n=800", "--resume", "--json")
