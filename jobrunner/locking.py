@@ -58,6 +58,7 @@ from jobrunner.stop import Stop
 
 POLL_INTERVAL_S = 0.1
 LEADER_GRACE_BEATS = 5
+HOLDER_WAIT_S = 1.0
 RETAKE_BACKOFF_CAP_S = 2.0
 
 
@@ -256,7 +257,14 @@ class _Heartbeat:
                     self._release.wait(delay)
                     delay = min(RETAKE_BACKOFF_CAP_S, delay * 2)
                     continue
-                self._mark_lost(f"{reason}; it could not be taken again: {dbmod.describe_error(error)}")
+                detail = dbmod.describe_error(error)
+                # The reason once: a leader that never came back says so in both.
+                again = (
+                    "it did not come back in time"
+                    if detail in reason
+                    else f"it could not be taken again: {detail}"
+                )
+                self._mark_lost(f"{reason}; {again}")
                 return None, None
             if not self._still_ours():
                 _close_quietly(session)
@@ -348,7 +356,7 @@ class Guard(_Heartbeat):
             while not try_lock(session, self.job, self.mode):
                 session.rollback()
                 if time.monotonic() >= deadline:
-                    raise LockHeld(self.job, read_holder(self.database, self.job))
+                    raise LockHeld(self.job, self._holder())
                 time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
             pid, self.backend = self._backend_id(session)
             if self.record_holder:
@@ -383,6 +391,15 @@ class Guard(_Heartbeat):
         if self.database.family == "mysql":
             return session.scalar(backend_query(self.database)), None
         return backend_identity(session)
+
+    def _holder(self) -> dict[str, Any]:
+        """Who holds the lock. A winner writes its row just after it takes the
+        lock: a loser that lost the race by a moment waits briefly for it
+        rather than say nothing of the holder."""
+        deadline = time.monotonic() + HOLDER_WAIT_S
+        while not (holder := read_holder(self.database, self.job)) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
+        return holder
 
     def _write_holder(self) -> None:
         # "since" is when this run took the lock first: a retake after a lost
