@@ -13,6 +13,7 @@ reach the workers as plain values; ORM instances are refused (see
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -72,6 +73,7 @@ class Workers(Generic[S]):
         work: Callable[[S, list[Any]], None],
         pause: Callable[[], bool] | None = None,
         thread_name: str = "jobrunner-worker",
+        thread_scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.count = workers
         self.open_session = open_session
@@ -80,6 +82,7 @@ class Workers(Generic[S]):
         self.work = work
         self.pause = pause
         self.thread_name = thread_name
+        self.thread_scope = thread_scope  # entered for the whole life of each worker (APP_CONTEXT)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=thread_name)
         self._futures: list[Future[None]] = []
         self._producer: threading.Thread | None = None
@@ -127,6 +130,10 @@ class Workers(Generic[S]):
         return not pending
 
     def _loop(self) -> None:
+        with self.thread_scope():
+            self._work_loop()
+
+    def _work_loop(self) -> None:
         session = self.open_session()
         try:
             while True:

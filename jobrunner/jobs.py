@@ -101,10 +101,15 @@ def load(jobs_path: Path, name: str) -> Job:
     if spec is None or spec.loader is None:
         raise JobError(f"job {name!r}: {path} cannot be loaded as a module")
     module = importlib.util.module_from_spec(spec)
-    # Jobs may import helpers that sit beside them (jobs/_common.py).
+    # Jobs may import helpers that sit beside them (jobs/_common.py), and the
+    # application's own packages beside the jobs folder (myapp/ next to jobs/),
+    # the latter after everything installed, so they never shadow a library.
     folder = str(jobs_path.resolve())
     if folder not in sys.path:
         sys.path.insert(0, folder)
+    parent = str(jobs_path.resolve().parent)
+    if parent not in sys.path:
+        sys.path.append(parent)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)

@@ -133,6 +133,7 @@ class Single:
             work=unit,
             pause=lambda: not r.outage.active or r.outage.wait(),
             thread_name=self.thread_name(),
+            thread_scope=r.in_thread,
         )
 
     def substitute_items(self) -> Iterable[Any] | None:

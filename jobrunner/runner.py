@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
+from jobrunner import appcode, distributed, dryrun, history, jobs, paging, roles, tables
 from jobrunner import db as dbmod
-from jobrunner import distributed, dryrun, history, jobs, paging, roles, tables
 from jobrunner.config import Config
 from jobrunner.context import JobContext
 from jobrunner.exceptions import (
@@ -88,6 +88,9 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
         raise ConfigError("no job given")
     job = jobs.load(config.jobs_path, config.job)
     config = config.with_job_defaults(job.defaults, str(job.path))
+    app = appcode.AppCode.of(job)
+    if app is not None:
+        app.check(config.database_url)
     if config.resume and job.item_key is None:
         raise JobError(
             f"{config.origin('resume')}: job {job.name!r} defines no item_key(item), so it cannot be resumed"
@@ -167,6 +170,7 @@ class _Run:
     ):
         self.config, self.job, self.database, self.reporter = config, job, database, reporter
         self.role = role
+        self.app = appcode.AppCode.of(job)  # SCOPED_SESSION, APP_CONTEXT
         self.progress = Progress()
         self.stop = Stop()
         self.error: str | None = None  # setup() or items() raised: the run failed
@@ -211,7 +215,12 @@ class _Run:
                 signals = catch_signals(
                     self.stop, self.reporter.notice, self.config.shutdown_timeout, leaving=self._leaving
                 )
-                with signals, self._counting_changes(), self.role.sessions() as self.sessions:
+                with (
+                    signals,
+                    self._counting_changes(),
+                    self._app_installed(),
+                    self.role.sessions() as self.sessions,
+                ):
                     if self._setup():
                         self._fan_out()
                 result = self._result(started_at, t0)
@@ -223,6 +232,17 @@ class _Run:
                 self.job.name, held, started_at=started_at, duration=duration, config=self.config
             )
         return result
+
+    def _app_installed(self) -> contextlib.AbstractContextManager[Any]:
+        return self.app.installed() if self.app is not None else contextlib.nullcontext()
+
+    def in_thread(self) -> contextlib.AbstractContextManager[Any]:
+        """The job's APP_CONTEXT, for a thread that runs job code."""
+        return self.app.thread() if self.app is not None else contextlib.nullcontext()
+
+    def in_hook(self, session: Any) -> contextlib.AbstractContextManager[Any]:
+        """The job's SCOPED_SESSION returns ``session`` while a hook runs on it."""
+        return self.app.hook(session) if self.app is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _counting_changes(self) -> Iterator[None]:
@@ -263,7 +283,7 @@ class _Run:
                 with self.sessions.session() as session:
                     if self.changes is not None:
                         self.changes.start(session)
-                    with dbmod.job_code(session):
+                    with self.in_thread(), self.in_hook(session), dbmod.job_code(session):
                         self.job.setup(self.ctx, session)
                     session.commit()
                     if self.changes is not None:
@@ -288,7 +308,7 @@ class _Run:
                 if substitute is not None:  # a resumed run that had fed everything
                     self._started(substitute, None)
                     return
-                with self.sessions.reader() as session:
+                with self.in_thread(), self.sessions.reader() as session, self.in_hook(session):
                     session.info[paging.OUTAGE_INFO] = self.outage  # paged() waits out outages too
                     items = self.job.items(self.ctx, session)
                     self._started(items, session)
@@ -356,6 +376,7 @@ class _Run:
             commit_check=self._commit_check(),
             batch_size=self.config.batch_size,
             adapt=not self.config.fixed_batch_size,
+            in_hook=self.in_hook,
         )
 
     def _commit_check(self) -> TxidCheck | None:

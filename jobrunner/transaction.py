@@ -17,6 +17,7 @@ chunk's savepoint, and the whole run's transaction is rolled back at the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -110,6 +111,7 @@ class Unit:
         commit_check: TxidCheck | None = None,
         batch_size: int = 1,
         adapt: bool = True,
+        in_hook: Callable[[Session], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.job = job
         self.ctx = ctx
@@ -126,6 +128,7 @@ class Unit:
         self.before_commit = before_commit  # bookkeeping that rides along (SQLite checkpoints)
         self.batched = job.process_batch is not None
         self.batch_size, self.adapt = batch_size, adapt
+        self.in_hook = in_hook  # the job's SCOPED_SESSION, bound to the session (see appcode.py)
         self._sizes = threading.local()  # each worker thread's ChunkSize
         # Resume keys settle a commit in doubt already; else the database may.
         self.commit_check = commit_check if keys is None else None
@@ -316,7 +319,8 @@ class Unit:
             return found
 
     def _run(self, session: Session, work: list) -> None:
-        with job_code(session):
+        scope = self.in_hook(session) if self.in_hook is not None else contextlib.nullcontext()
+        with scope, job_code(session):
             if self.batched and (len(work) > 1 or self.job.process is None):
                 self.job.process_batch(self.ctx, session, [value for _, _, value in work])
             else:
