@@ -405,9 +405,10 @@ def joinable_run(database: Database, job: str) -> tuple[int | None, bool]:
         time.sleep(0.1)
 
 
-# Exit codes of a helper that ended as a helper ends: done, items failed, the
-# run stopped under it or by the leader (69, 130, 143).
-_HELPER_ENDINGS = frozenset({0, 1, 69, 75, 130, 143})
+# Exit codes of a helper that ended as a helper ends, or that said why itself
+# in one line (an error of its own: 2, 69, 70): the leader speaks only of a
+# helper that could not, one killed by a signal.
+_HELPER_ENDINGS = frozenset({0, 1, 2, 69, 70, 75, 130, 143})
 
 # What a local helper says on the terminal. The leader reports the run for
 # every process (totals, failed items, the abort or the signal), so a helper
