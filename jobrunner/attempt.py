@@ -135,6 +135,21 @@ def halves(part: list[T]) -> list[list[T]]:
     return [half for half in (part[:middle], part[middle:]) if half]
 
 
+def split(part: list[T], culprit: int | None) -> list[list[T]]:
+    """How a failed part of a chunk is tried again inside its transaction.
+
+    ``culprit``: the position of the item whose own ``process()`` raised,
+    when that is known. The items before it ran well: they are tried again
+    together, the culprit alone (to see that it fails alone), and the rest
+    as the next part; so a trickle of bad items costs each stretch of good
+    items one more run, not a binary search. When nothing says which item
+    failed (``process_batch``, an error at flush), :func:`halves`.
+    """
+    if culprit is None or not 0 <= culprit < len(part):
+        return halves(part)
+    return [piece for piece in (part[:culprit], part[culprit : culprit + 1], part[culprit + 1 :]) if piece]
+
+
 def isolate(items: int) -> list[int]:
     """When a chunk's own transaction could not isolate its bad items (its
     conflicts outlasted --retries, or COMMIT itself failed): the sizes of the

@@ -285,19 +285,21 @@ class Unit:
 
     def _isolating(self, session: Session, part: list, *, whole: bool) -> list[tuple[Any, BaseException]]:
         """``part`` in a savepoint. If an item's own error fails it, undo just
-        the savepoint and try its halves (attempt.halves), down to single
-        items: the claim and the good items' work stay in the transaction, one
-        bad item costs about 2*log2(n) savepoints, not n transactions. A
-        conflict or the database gone is not the items' fault: it ends the
-        whole attempt (the caller retries, waits or settles as decided)."""
+        the savepoint and try the pieces attempt.split gives (around the item
+        whose process() raised, or halves), down to single items: the claim
+        and the good items' work stay in the transaction; one bad item costs
+        a few savepoints, not n transactions. A conflict or the database gone
+        is not the items' fault: it ends the whole attempt (the caller
+        retries, waits or settles as decided)."""
         undo = self.changes.mark(session) if self.changes is not None else None
         outer = session.get_nested_transaction()
         nested = session.begin_nested()
         try:
-            self._run(session, part)
+            self._run(session, part, locate=True)
             nested.commit()
             return []
-        except Exception as error:
+        except Exception as raised:  # noqa: BLE001 - the job's code and the database's
+            culprit, error = (raised.index, raised.error) if isinstance(raised, _FailedAt) else (None, raised)
             # Down to where this part began (the job's rollback() may have
             # left a savepoint of its own inside it).
             while (current := session.get_nested_transaction()) is not None and current is not outer:
@@ -305,30 +307,39 @@ class Unit:
             if self.changes is not None:
                 self.changes.rewind(session, undo)
             if classify(error) is not Kind.FATAL:
-                raise
+                raise error from error.__cause__  # the item's own error, for the attempt's decision
             if whole:
                 self.progress.replay(len(part))
-                log.info(
-                    "a chunk of %d items failed (%s): isolating the bad ones by halves", len(part), error
-                )
+                log.info("a chunk of %d items failed (%s): isolating its bad items", len(part), error)
             if len(part) == 1:
                 return [(part[0], error)]
             found = []
-            for half in attempt.halves(part):
-                found += self._isolating(session, half, whole=False)
+            for piece in attempt.split(part, culprit):
+                found += self._isolating(session, piece, whole=False)
             return found
 
-    def _run(self, session: Session, work: list) -> None:
+    def _run(self, session: Session, work: list, *, locate: bool = False) -> None:
+        """The job's code on ``work``. ``locate``: an error of one item's own
+        process() comes wrapped with its position (see attempt.split)."""
         scope = self.in_hook(session) if self.in_hook is not None else contextlib.nullcontext()
         with scope, job_code(session):
             if self.batched and (len(work) > 1 or self.job.process is None):
                 self.job.process_batch(self.ctx, session, [value for _, _, value in work])
-            else:
-                for _, _, value in work:
+                self._undone(session, "process_batch()" if len(work) > 1 else "process()")
+                return
+            for index, (_, _, value) in enumerate(work):
+                try:
                     self.job.process(self.ctx, session, value)
+                    self._undone(session, "process()")
+                except Exception as error:
+                    if locate:
+                        raise _FailedAt(index, error) from error
+                    raise
+
+    @staticmethod
+    def _undone(session: Session, hook: str) -> None:
         undone = session.info.pop(UNDONE_BY_JOB, None)
         if undone is not None:
-            hook = "process_batch()" if self.batched and len(work) > 1 else "process()"
             raise ItemRolledBack(
                 f"{hook} called session.{undone}, which undid the item's work: the item fails (jobrunner "
                 "commits or rolls back each item; raise to fail one)"
@@ -430,6 +441,14 @@ class SqliteLockWatch:
                 "slow work that needs no database in prepare() (see docs/databases.md, SQLite)"
             )
         return self.warned
+
+
+class _FailedAt(Exception):
+    """The process() of the item at ``index`` of a part raised ``error``."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
 
 
 def _failure(entry: Any, error: BaseException) -> tuple[Any, Any, str, str]:

@@ -323,3 +323,38 @@ def test_chunks_shrink_under_conflict_and_every_item_commits_once(cli, write_job
     # 1,450 items retried; with --fixed-batch-size about 6,000, and 2,000 replayed).
     assert summary["retried"] <= 8 * 50 * 5, summary["retried"]
     assert summary["replayed"] == 0
+
+
+PER_ITEM_COUNTED = """
+\"\"\"process() says when it runs; poisoned items raise after their insert.\"\"\"
+from sqlalchemy import text
+
+BATCH_SIZE = 64
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS batch_rows (item INTEGER PRIMARY KEY)"))
+
+def items(ctx, session):
+    return range(64)
+
+def process(ctx, session, item):
+    with open("tries.log", "a") as log:
+        log.write(f"{item}\\n")
+    session.execute(text("INSERT INTO batch_rows VALUES (:i)"), {"i": item})
+    if str(item) in ctx.params.get("poison", "").split(","):
+        raise ValueError(f"item {item} is poisoned")
+"""
+
+
+def test_a_chunk_whose_bad_item_is_known_is_split_around_it(cli, write_job, db_url, tmp_path):
+    """process() raised for item 40: items 0-39 ran well. They run once more,
+    item 40 alone, and 41-63 as the rest: no binary search over good items."""
+    write_job("per_item", PER_ITEM_COUNTED)
+    out, summary = run_json(
+        cli, "run", "per_item", "--database-url", db_url, "-w", "1", "--param", "poison=40"
+    )
+    assert out.returncode == 1, out.stderr
+    assert (summary["succeeded"], summary["failed"], summary["commits"]) == (63, 1, 1)
+    items_once(db_url, [i for i in range(64) if i != 40])
+    tries = [int(line) for line in (tmp_path / "tries.log").read_text().split()]
+    assert tries == [*range(41), *range(40), 40, *range(41, 64)], tries

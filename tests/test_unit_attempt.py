@@ -202,3 +202,12 @@ def test_parts_cut_work_in_order_and_halves_cover_it():
     assert attempt.parts(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert attempt.halves(list(range(5))) == [[0, 1, 2], [3, 4]]
     assert attempt.halves([9]) == [[9]]
+
+
+def test_a_part_whose_failing_item_is_known_is_split_around_it():
+    part = list(range(10))
+    assert attempt.split(part, 4) == [[0, 1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    assert attempt.split(part, 0) == [[0], list(range(1, 10))]
+    assert attempt.split(part, 9) == [list(range(9)), [9]]
+    assert attempt.split(part, None) == attempt.halves(part)
+    assert attempt.split(part, 99) == attempt.halves(part), "a position outside the part says nothing"
