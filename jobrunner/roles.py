@@ -11,7 +11,6 @@ what differs:
 - :class:`Helping`: a process that helps a run led elsewhere. Its right to
   commit is the helper fence, its items come from the work table, it neither
   sets up nor feeds, and its record is its row in ``jobrunner_run_processes``.
-
 - :class:`Rehearsal`: a dry run. As Single, but every session lives in one
   transaction on one connection, rolled back at the end, and the items run
   in this thread, one chunk after another (see ``dryrun.py``).
@@ -351,6 +350,9 @@ class Rehearsal(Single):
     def sessions(self) -> contextlib.AbstractContextManager[Any]:
         self._sessions = dryrun.OneTransaction(self.r.database)
         return self._sessions
+
+    def forget_other_runs(self) -> None:
+        pass  # a dry run changes nothing: a crashed run it passes over stays resumable
 
     def feed(self) -> Feed:
         assert self._sessions is not None, "the feed comes after the sessions"
