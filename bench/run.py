@@ -1,8 +1,10 @@
 """Run every benchmark and write BENCHMARKS.md (and bench/throughput.png).
 
-    pip install -e '.[bench]' && python bench/run.py            # SQLite + a PostgreSQL it starts
-    python bench/run.py --database-url postgresql+psycopg2://u@h/db   # an existing server
-    python bench/run.py --quick                                   # fewer runs and items: a smoke test
+    pip install -e '.[bench]' && python bench/run.py   # SQLite, and PostgreSQL and MariaDB it starts
+    python bench/run.py --only batches,isolation       # some sections; the others keep their saved results
+    python bench/run.py --quick                        # fewer runs and items: a smoke test
+
+bench/bad_items.py measures what bad items cost a chunked run, on its own.
 
 Each timing is the median of --runs runs (5 by default); contenders in a
 comparison are measured in the same run, alternating.
@@ -1017,6 +1019,16 @@ def main() -> None:
         plot(results["scaling"], HERE / "throughput.png")
     if "batches" in results:
         plot_batches(results["batches"], HERE / "batches.png")
+    missing = [section for section in SECTIONS if section not in results]
+    if missing:
+        # A fresh clone has no saved results: --only measured some sections,
+        # and the report needs all of them.
+        print(
+            f"measured {', '.join(sorted(only))}; saved in {latest}. No results yet for "
+            f"{', '.join(missing)}: {args.output} is written once every section has been measured "
+            "(run bench/run.py without --only once)"
+        )
+        return
     write_report(results, Path(args.output), runs, items, args.quick)
     print(f"wrote {args.output}")
 
