@@ -144,7 +144,7 @@ def log_error(message: str) -> None:
 
 
 # -- reporters ---------------------------------------------------------------------
-def make_reporter(config: Config, *, stderr: IO[str] | None = None) -> Reporter:
+def make_reporter(config: Config, *, stderr: IO[str] | None = None) -> BaseReporter:
     stderr = stderr or sys.stderr
     tty = stderr.isatty()
     if tty and not config.quiet:
@@ -162,7 +162,7 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-class Reporter:
+class BaseReporter:
     """Plain text, for cron: timestamps, no escape codes, nothing redrawn."""
 
     def __init__(self, config: Config, stderr: IO[str]) -> None:
@@ -260,7 +260,7 @@ class Reporter:
                 self._line(out, "  would change no rows")
 
 
-class PlainReporter(Reporter):
+class PlainReporter(BaseReporter):
     def started(
         self, job: str, *, total: int | None, progress: Any, run_id: int | None, role: str | None = None
     ) -> None:
@@ -299,7 +299,7 @@ class PlainReporter(Reporter):
             done.set()
 
 
-class TerminalReporter(Reporter):
+class TerminalReporter(BaseReporter):
     """rich progress bar and summary table, for a person at a terminal."""
 
     def __init__(self, config: Config, stderr: IO[str]) -> None:
@@ -330,7 +330,7 @@ class TerminalReporter(Reporter):
     def started(
         self, job: str, *, total: int | None, progress: Any, run_id: int | None, role: str | None = None
     ) -> None:
-        Reporter.started(self, job, total=total, progress=progress, run_id=run_id, role=role)
+        BaseReporter.started(self, job, total=total, progress=progress, run_id=run_id, role=role)
         self._end_phase()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

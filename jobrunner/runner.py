@@ -52,7 +52,8 @@ TICK_S = 0.2
 
 
 class Reporter(Protocol):
-    """What the runner tells the operator's side (see ``report.py``)."""
+    """What the runner tells the operator's side: ``report.BaseReporter`` and
+    its plain and terminal forms implement it; with no reporter, the log."""
 
     def phase(self, text: str) -> None: ...
     def started(
@@ -60,7 +61,7 @@ class Reporter(Protocol):
     ) -> None: ...
     def notice(self, text: str) -> None: ...
     def info(self, text: str) -> None: ...
-    def finished(self, result: RunResult) -> None: ...
+    def finished(self, result: RunResult, *, terminal: bool = True) -> None: ...
 
 
 class _NullReporter:
@@ -78,7 +79,7 @@ class _NullReporter:
     def info(self, text: str) -> None:
         log.info(text)
 
-    def finished(self, result: RunResult) -> None:
+    def finished(self, result: RunResult, *, terminal: bool = True) -> None:
         pass
 
 
