@@ -168,7 +168,7 @@ class Leader:
         work, failures, runs = tables.work, tables.failures, tables.runs
         with self.database.bookkeeping() as session, session.begin():
             self.fed_all_before = bool(session.scalar(select(runs.c.fed_all).where(runs.c.id == old)))
-            moved = history._rowcount(
+            moved = history.rowcount(
                 session.execute(update(work).where(work.c.run_id == old).values(run_id=self.run_id))
             )
             keys = session.execute(select(work.c.key).where(work.c.run_id == self.run_id)).scalars()
@@ -315,7 +315,7 @@ def forget_other_runs(database: Database, job: str, keep: int) -> int:
     work, runs = tables.work, tables.runs
     others = select(runs.c.id).where(runs.c.job == job, runs.c.id != keep)
     with database.bookkeeping() as session, session.begin():
-        return history._rowcount(session.execute(delete(work).where(work.c.run_id.in_(others))))
+        return history.rowcount(session.execute(delete(work).where(work.c.run_id.in_(others))))
 
 
 def totals(database: Database, run_id: int, progress: Progress) -> dict[str, Any]:

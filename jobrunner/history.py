@@ -426,8 +426,8 @@ def purge(database: dbmod.Database, before: datetime, job: str | None) -> tuple[
         condition.append(runs.c.job == job)
     with database.bookkeeping() as session, session.begin():
         ids = select(runs.c.id).where(and_(*condition))
-        keys = _rowcount(session.execute(delete(tables.item_keys).where(tables.item_keys.c.run_id.in_(ids))))
-        count = _rowcount(session.execute(delete(runs).where(*condition)))
+        keys = rowcount(session.execute(delete(tables.item_keys).where(tables.item_keys.c.run_id.in_(ids))))
+        count = rowcount(session.execute(delete(runs).where(*condition)))
     return count, keys
 
 
@@ -444,7 +444,7 @@ def purge_before(config: Any, before: datetime, job: str | None) -> tuple[int, i
         return purge(database, cutoff, job) if database is not None else (0, 0)
 
 
-def _rowcount(result: Any) -> int:
+def rowcount(result: Any) -> int:
     """Rows a DML statement changed (a CursorResult's; typed loosely by SQLAlchemy)."""
     return int(result.rowcount)
 
