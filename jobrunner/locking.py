@@ -183,23 +183,29 @@ class _Heartbeat:
 
     # -- the owner thread ---------------------------------------------------
     def _own(self) -> None:
+        asked = time.monotonic()
         try:
             session, backend = self._take(initial=True)
         except BaseException as error:  # noqa: BLE001 - handed to the owner thread
             self._error = _as_jobrunner_error(error, self.database.url)
             self._acquired.set()
             return
-        self._beaten()
+        self._beaten(asked)
         self._acquired.set()
         try:
             while not self._release.wait(self.heartbeat):
+                # The answer is as old as the question: a process frozen after
+                # the reply came (SIGSTOP, a paused VM) must not stamp it fresh
+                # when it wakes, or its workers commit for a beat on a lock that
+                # another run has taken meanwhile.
+                asked = time.monotonic()
                 try:
                     reason = self._beat(session, backend)
                 except RunOver as over:
                     self._mark_lost(str(over))
                     return
                 if reason is None:
-                    self._beaten()
+                    self._beaten(asked)
                     continue
                 _close_quietly(session)
                 session, backend = None, None
@@ -245,6 +251,7 @@ class _Heartbeat:
         not_yet_deadline = time.monotonic() + self.not_yet_within
         delay = POLL_INTERVAL_S
         while not self._release.is_set():
+            asked = time.monotonic()
             try:
                 session, backend = self._take(initial=False)
             except (LockHeld, RunOver) as held:
@@ -273,7 +280,7 @@ class _Heartbeat:
             with self._cond:
                 self.retakes += 1
                 self._in_doubt = False
-                self._beat_at = time.monotonic()
+                self._beat_at = asked
                 self._cond.notify_all()
             self.notice(f"{self.what} taken again: work that was in flight is redone")
             return session, backend
@@ -286,9 +293,10 @@ class _Heartbeat:
         except Exception:  # noqa: BLE001 - cannot tell: then it is not ours
             return False
 
-    def _beaten(self) -> None:
+    def _beaten(self, asked: float) -> None:
+        """The right was confirmed by a question sent at ``asked``."""
         with self._cond:
-            self._beat_at = time.monotonic()
+            self._beat_at = asked
             self._cond.notify_all()
 
     def _mark_lost(self, reason: str) -> None:
