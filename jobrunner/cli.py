@@ -173,6 +173,13 @@ def cli() -> None:
     help="Worker threads, each with its own session (default 4).",
 )
 @click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help="An async job's items in flight at once, awaiting prepare() included (default 100; "
+    "a job may set CONCURRENCY). --workers stays the number of transactions at once.",
+)
+@click.option(
     "--param",
     "params",
     multiple=True,

@@ -32,7 +32,7 @@ DEFAULT_DATABASE_URL = "sqlite:///jobrunner.db"
 LOCK_MODES = ("row", "advisory")
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 # Settings a job module may default with a module-level constant.
-JOB_MODULE_DEFAULTS = {"BATCH_SIZE": "batch_size", "ISOLATION": "isolation"}
+JOB_MODULE_DEFAULTS = {"BATCH_SIZE": "batch_size", "ISOLATION": "isolation", "CONCURRENCY": "concurrency"}
 # Settings holding a path: from the config file they resolve against its folder.
 PATH_SETTINGS = ("jobs_path", "metrics_file", "log_file")
 
@@ -111,6 +111,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "database_url": (_str, "top"),
     "jobs_path": (_str, "top"),
     "workers": (_int(1), "both"),
+    "concurrency": (_int(1), "both"),
     "no_lock": (_bool, "both"),
     "lock": (_choice(LOCK_MODES), "both"),
     "isolation": (_choice(ISOLATION_LEVELS), "both"),
@@ -141,6 +142,9 @@ class Config:
     config_file: Path | None = None
     job: str | None = None
     workers: int = 4
+    # An async job's items in flight at once, those awaiting prepare() included;
+    # workers stays the number of item transactions (connections) at once.
+    concurrency: int = 100
     batch_size: int = 1
     fixed_batch_size: bool = False  # True: chunks stay at batch_size under conflicts
     processes: int = 1  # more than 1, or join: a distributed run (PostgreSQL)

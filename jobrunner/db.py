@@ -202,6 +202,30 @@ class Database:
                 engine.dispose()
 
 
+# One --database-url serves both kinds of job: jobrunner's own work and sync
+# jobs take the sync driver, async jobs the async one, whichever the URL names.
+SYNC_DRIVERS = {"postgresql": "postgresql+psycopg2", "sqlite": "sqlite", "mysql": "mysql+pymysql"}
+ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite", "mysql": "mysql+aiomysql"}
+ASYNC_DRIVER_NAMES = ("asyncpg", "aiosqlite", "aiomysql", "asyncmy", "psycopg_async")
+
+
+def url_for(url: str, *, asynchronous: bool) -> str:
+    """``url`` with the driver jobrunner uses for its kind of work: the named
+    driver when it is of that kind, else the default one (``postgresql://``
+    and ``postgresql+asyncpg://`` name one database for both)."""
+    parsed = make_url(url)
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if (driver in ASYNC_DRIVER_NAMES) == asynchronous and "+" in parsed.drivername:
+        return url
+    fam = family(backend)
+    name = (ASYNC_DRIVERS if asynchronous else SYNC_DRIVERS).get(fam)
+    if name is None:
+        return url
+    if fam == "mysql" and backend == "mariadb":
+        name = name.replace("mysql", "mariadb")
+    return parsed.set(drivername=name).render_as_string(hide_password=False)
+
+
 def open_database(config: Config, job: str, *, workers: int = 1, create: bool = True) -> Database:
     """Create the engine and check that the database answers.
 
@@ -211,6 +235,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
     url = config.database_url
     shown = redaction.redact(url)
     try:
+        url = url_for(url, asynchronous=False)
         parsed = make_url(url)
         dialect = parsed.get_backend_name()
     except (exc.ArgumentError, ValueError) as error:
@@ -456,6 +481,14 @@ def _sqlite_engine(
         pool_timeout=60,
         connect_args={"timeout": timeout, "check_same_thread": False},
     )
+    sqlite_events(engine, timeout=timeout, wal=wal)
+    return engine
+
+
+def sqlite_events(engine: Engine, *, timeout: float = SQLITE_BUSY_TIMEOUT_S, wal: bool = True) -> None:
+    """How every SQLite connection of jobrunner's behaves, whatever the driver
+    (sqlite3, or aiosqlite's thread in front of it): WAL, a busy timeout, and
+    transactions that jobrunner begins itself."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -473,8 +506,6 @@ def _sqlite_engine(
         conn.exec_driver_sql(f"BEGIN {mode}")
         # From here a writer holds the database's one write lock (see transaction.py's watch).
         conn.info[BEGAN_INFO] = time.monotonic()
-
-    return engine
 
 
 def _postgres_engine(
@@ -528,15 +559,22 @@ def _mysql_engine(
         **_pool_args(pool, pool_size, max_overflow),
     )
 
+    mysql_events(engine, guard=guard)
+    return engine
+
+
+def mysql_events(engine: Engine, *, guard: bool = False) -> None:
+    """Every MySQL/MariaDB connection of jobrunner's, PyMySQL or aiomysql."""
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"SET SESSION wait_timeout = {MYSQL_IDLE_S}, interactive_timeout = {MYSQL_IDLE_S}")
-        if guard and "mariadb" in dbapi_connection.get_server_info().lower():
-            cursor.execute(MARIADB_GUARD)
+        if guard:
+            cursor.execute("SELECT VERSION()")
+            if "mariadb" in str(cursor.fetchone()[0]).lower():
+                cursor.execute(MARIADB_GUARD)
         cursor.close()
-
-    return engine
 
 
 def lock_database_path(url: str, job: str) -> str:

@@ -198,7 +198,7 @@ def counter_for(database: Any) -> ChangeCounter:
     return ChangeCounter(database.engine)
 
 
-def _refuse_ddl(
+def refuse_ddl(
     conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> tuple[str, Any]:
     """MySQL commits DDL at once, with everything before it, even a CREATE TABLE
@@ -244,7 +244,7 @@ class OneTransaction:
         )
         self._connection = engine.connect()
         if database.family == "mysql":
-            event.listen(self._connection, "before_cursor_execute", _refuse_ddl, retval=True)
+            event.listen(self._connection, "before_cursor_execute", refuse_ddl, retval=True)
         self._outer = self._connection.begin()
         return self
 

@@ -41,9 +41,15 @@ class Serial:
 
     count = 1
 
+    def __init__(self, run: Callable[[Callable[[], None]], None] | None = None) -> None:
+        self.run = run  # how to call produce (on an async job's loop)
+
     def start(self, produce: Callable[[], None] | None = None) -> None:
         if produce is not None:
-            produce()
+            if self.run is not None:
+                self.run(produce)
+            else:
+                produce()
 
     def join_producer(self, timeout: float) -> None:
         pass

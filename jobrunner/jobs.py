@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import inspect
 import re
 import sys
 import traceback
@@ -55,6 +56,9 @@ class Job:
     process_batch: Callable[..., None] | None = None
     # module-level defaults for settings ({"batch_size": 100}), see config.JOB_MODULE_DEFAULTS
     defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # process (or process_batch) is ``async def``: the run's tasks on one event
+    # loop, an AsyncSession each (see aio.py)
+    is_async: bool = False
 
 
 def check_name(name: str) -> str:
@@ -130,12 +134,43 @@ def load(jobs_path: Path, name: str) -> Job:
         if value is not None and not callable(value):
             raise JobError(f"job {name!r} ({path}): {hook} must be a function")
         hooks[hook] = value
+    is_async = _check_kind(name, path, hooks, module.items)
     defaults = {
         key: getattr(module, constant)
         for constant, key in JOB_MODULE_DEFAULTS.items()
         if getattr(module, constant, None) is not None
     }
-    return Job(name, path, module, module.items, defaults=defaults, **hooks)
+    return Job(name, path, module, module.items, defaults=defaults, is_async=is_async, **hooks)
+
+
+def _check_kind(name: str, path: Path, hooks: dict[str, Any], items: Any) -> bool:
+    """True for an async job. Its hooks that get a session are ``async def``
+    (items() may be an async generator), since they are handed an
+    AsyncSession; prepare() may be either; item_key() stays plain. A job
+    that mixes the two kinds is refused here rather than half-run."""
+    workers = [hooks[h] for h in ("process", "process_batch") if hooks[h] is not None]
+    kinds = {inspect.iscoroutinefunction(f) for f in workers}
+    if len(kinds) > 1:
+        raise JobError(
+            f"job {name!r} ({path}): process() and process_batch() must both be async def, or neither"
+        )
+    is_async = kinds == {True}
+    session_hooks = {"setup": hooks["setup"], "count": hooks["count"], "items": items}
+    for hook, function in session_hooks.items():
+        if function is None:
+            continue
+        async_kind = inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+        if async_kind != is_async:
+            want = "async def" if is_async else "a plain def"
+            kind = "an async job" if is_async else "a job whose process() is a plain def"
+            raise JobError(f"job {name!r} ({path}): {hook}() must be {want} in {kind}")
+    key = hooks["item_key"]
+    if key is not None and (inspect.iscoroutinefunction(key) or inspect.isasyncgenfunction(key)):
+        raise JobError(f"job {name!r} ({path}): item_key() must be a plain def (it is asked often, and fast)")
+    prepare = hooks["prepare"]
+    if prepare is not None and inspect.iscoroutinefunction(prepare) and not is_async:
+        raise JobError(f"job {name!r} ({path}): prepare() is async def, so process() must be too")
+    return is_async
 
 
 def _where(exc: BaseException, path: Path) -> str:

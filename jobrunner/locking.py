@@ -156,9 +156,10 @@ class _Heartbeat:
     def epoch(self) -> int:
         return self.retakes
 
-    def verdict(self, epoch: int) -> Verdict:
+    def verdict(self, epoch: int, *, wait: bool = True) -> Verdict | None:
         """COMMIT while the right is held and was last confirmed recently;
         REDO if it was taken again since ``epoch``; ABANDON once it is lost.
+        ``wait=False``: None where the answer needs waiting for.
 
         "Recently": within two heartbeats. A process that was frozen (SIGSTOP,
         a paused VM) may have lost its lock while it slept; its workers wait
@@ -170,6 +171,8 @@ class _Heartbeat:
         # the careful way below.
         if not self.lost.is_set() and not self._in_doubt and time.monotonic() - self._beat_at <= stale_after:
             return Verdict.REDO if epoch != self.retakes else Verdict.COMMIT
+        if not wait:
+            return Verdict.ABANDON if self.lost.is_set() else None
         with self._cond:
             while True:
                 if self.lost.is_set():
@@ -600,10 +603,13 @@ class RunFence:
     def epoch(self) -> int:
         return self.guard.epoch() if self.guard is not None else 0
 
-    def verdict(self, epoch: int) -> Verdict:
+    def verdict(self, epoch: int, *, wait: bool = True) -> Verdict | None:
+        """The guard's verdict (see :meth:`_Heartbeat.verdict`), or ABANDON."""
         if self.closed.is_set() or self.stop.fatal:
             return Verdict.ABANDON
-        verdict = self.guard.verdict(epoch) if self.guard is not None else Verdict.COMMIT
+        verdict = self.guard.verdict(epoch, wait=wait) if self.guard is not None else Verdict.COMMIT
+        if verdict is None:
+            return None
         if self.closed.is_set():
             return Verdict.ABANDON
         return verdict

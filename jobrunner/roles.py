@@ -114,16 +114,35 @@ class Single:
     # -- items ----------------------------------------------------------------------------
     def feed(self) -> Feed:
         r = self.r
-        return MemoryFeed(r.config.workers * r.config.batch_size, r.stop.event)
+        room = r.config.workers * r.config.batch_size
+        if r.loop is not None:
+            room = max(room, r.config.concurrency + r.config.batch_size)
+        return MemoryFeed(room, r.stop.event)
 
     def sessions(self) -> contextlib.AbstractContextManager[Any]:
         """Where the run's sessions come from (``.session()``, ``.reader()``),
         for as long as its setup and items run."""
-        return contextlib.nullcontext(self.r.database)
+        return contextlib.nullcontext(self.r.async_database or self.r.database)
 
     def executor(self, unit: Any, feed: Feed) -> Executor:
-        """The threads that run the items: one session each."""
+        """The threads that run the items, one session each; or, for an
+        async job, the tasks on the loop, one AsyncSession each."""
         r = self.r
+        if r.loop is not None:
+            from jobrunner import aio
+
+            assert r.async_database is not None
+            return aio.Tasks(
+                loop=r.loop,
+                database=r.async_database,
+                workers=r.config.workers,
+                concurrency=r.config.concurrency,
+                batch_size=r.config.batch_size,
+                take=lambda session: feed.take(session, unit.chunk_size().size),
+                unit=unit,
+                pause=lambda: not r.outage.active or r.outage.wait(),
+                thread_name=self.thread_name(),
+            )
         return Workers(
             workers=r.config.workers,
             open_session=r.database.session,
@@ -345,10 +364,16 @@ class Rehearsal(Single):
 
     def __init__(self) -> None:
         super().__init__()
-        self._sessions: dryrun.OneTransaction | None = None
+        self._sessions: Any = None  # a dryrun.OneTransaction, or aio's
 
     def sessions(self) -> contextlib.AbstractContextManager[Any]:
-        self._sessions = dryrun.OneTransaction(self.r.database)
+        r = self.r
+        if r.async_database is not None:
+            from jobrunner import aio
+
+            self._sessions = aio.OneTransaction(r.async_database)
+        else:
+            self._sessions = dryrun.OneTransaction(r.database)
         return self._sessions
 
     def forget_other_runs(self) -> None:
@@ -362,7 +387,8 @@ class Rehearsal(Single):
     def executor(self, unit: Any, feed: Feed) -> Executor:
         if isinstance(feed, dryrun.SerialFeed):
             feed.unit = unit
-        return Serial()
+        # An async job's one transaction is the loop's to use: the work runs there.
+        return Serial(self.r.loop.call if self.r.loop is not None else None)
 
 
 def for_config(config: Any) -> Single:

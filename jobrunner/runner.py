@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from jobrunner import appcode, distributed, dryrun, history, jobs, paging, roles, tables
@@ -90,7 +91,9 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
     job = jobs.load(config.jobs_path, config.job)
     config = config.with_job_defaults(job.defaults, str(job.path))
     app = appcode.AppCode.of(job)
-    if app is not None:
+    if job.is_async:
+        _check_async(config, app)
+    elif app is not None:
         app.check(config.database_url)
     if config.resume and job.item_key is None:
         raise JobError(
@@ -128,6 +131,21 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
     if active.abandoned:
         leave_now(result.exit_code)
     return result
+
+
+def _check_async(config: Config, app: Any) -> None:
+    """An async job: what it needs installed, and what it cannot do yet."""
+    from jobrunner import aio
+
+    try:
+        family = dbmod.family(make_url(config.database_url).get_backend_name())
+    except Exception:  # noqa: BLE001 - a malformed URL is said where the database is opened
+        family = ""
+    aio.require(family)
+    if config.distributed:
+        raise ConfigError("an async job runs in one process for now: --processes and --join do not apply")
+    if app is not None:
+        raise ConfigError("an async job cannot use SCOPED_SESSION or APP_CONTEXT yet")
 
 
 def help_run(
@@ -192,6 +210,8 @@ class _Run:
         self.fence = RunFence(None, self.stop)
         self.feed: Feed = MemoryFeed(1, self.stop.event)  # the role's, once the items start
         self.sessions: Any = database  # the role's, while setup and items run
+        self.loop: Any = None  # an async job's aio.EventLoop, while the run holds the lock
+        self.async_database: Any = None  # and its aio.AsyncDatabase
         self.changes: dryrun.ChangeCounter | None = None
         self.opening = history.Opening(None, None, frozenset())
         self.checkpoints = history.Checkpoints(self.recorder, self.progress, by_workers=database.is_sqlite)
@@ -218,6 +238,7 @@ class _Run:
                 )
                 with (
                     signals,
+                    self._asyncio(),
                     self._counting_changes(),
                     self._app_installed(),
                     self.role.sessions() as self.sessions,
@@ -233,6 +254,29 @@ class _Run:
                 self.job.name, held, started_at=started_at, duration=duration, config=self.config
             )
         return result
+
+    @contextlib.contextmanager
+    def _asyncio(self) -> Iterator[None]:
+        """An async job's event loop and async engine, for its setup and items."""
+        if not self.job.is_async:
+            yield
+            return
+        from jobrunner import aio
+
+        self.loop = aio.EventLoop(self.reporter.notice, self.job.path)
+        try:
+            self.async_database = aio.AsyncDatabase(
+                self.database, self.config.database_url, self.config.workers, self.loop
+            )
+            self.job = aio.adapt(self.job, self.loop)
+            try:
+                yield
+            finally:
+                if not self.abandoned:
+                    self.async_database.dispose()
+        finally:
+            if not self.abandoned:
+                self.loop.close()
 
     def _app_installed(self) -> contextlib.AbstractContextManager[Any]:
         return self.app.installed() if self.app is not None else contextlib.nullcontext()
@@ -251,7 +295,7 @@ class _Run:
         if not self.config.dry_run:
             yield
             return
-        self.changes = dryrun.counter_for(self.database)
+        self.changes = dryrun.counter_for(self.async_database or self.database)
         try:
             yield
         finally:
@@ -279,6 +323,12 @@ class _Run:
         if self.job.setup is None or not self.role.sets_up:
             return True
         self.reporter.phase("setting up")
+        if self.loop is not None:
+            return bool(self.loop.call(self._set_up))
+        return self._set_up()
+
+    def _set_up(self) -> bool:
+        assert self.job.setup is not None
         while True:
             try:
                 with self.sessions.session() as session:
@@ -378,6 +428,8 @@ class _Run:
             batch_size=self.config.batch_size,
             adapt=not self.config.fixed_batch_size,
             in_hook=self.in_hook,
+            blocking=self.loop.blocking if self.loop is not None else None,
+            one_chunk_size=self.loop is not None,
         )
 
     def _commit_check(self) -> TxidCheck | None:

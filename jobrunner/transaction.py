@@ -45,7 +45,7 @@ class Fence(Protocol):
     """The right to commit, asked before every commit (see ``locking.py``)."""
 
     def epoch(self) -> int: ...
-    def verdict(self, epoch: int) -> Verdict: ...
+    def verdict(self, epoch: int, *, wait: bool = True) -> Verdict | None: ...
 
 
 class Keys(Protocol):
@@ -72,7 +72,8 @@ class TxidCheck:
             return None
         connection = session.connection()
         raw: Any = connection.connection.dbapi_connection
-        if raw.get_transaction_status() == 0:
+        status = getattr(raw, "get_transaction_status", None)  # psycopg2's; asyncpg has none
+        if status is not None and status() == 0:
             return None  # psycopg2 is idle: nothing was sent, so nothing to settle
         return connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
 
@@ -112,6 +113,8 @@ class Unit:
         batch_size: int = 1,
         adapt: bool = True,
         in_hook: Callable[[Session], contextlib.AbstractContextManager[Any]] | None = None,
+        blocking: Callable[..., Any] | None = None,
+        one_chunk_size: bool = False,
     ) -> None:
         self.job = job
         self.ctx = ctx
@@ -130,27 +133,43 @@ class Unit:
         self.batch_size, self.adapt = batch_size, adapt
         self.in_hook = in_hook  # the job's SCOPED_SESSION, bound to the session (see appcode.py)
         self._sizes = threading.local()  # each worker thread's ChunkSize
+        # An async run's tasks share one thread, and so one ChunkSize.
+        self._one_size = ChunkSize(batch_size, adapt=adapt) if one_chunk_size else None
+        # How to wait (a backoff, an outage, a fence in doubt): in this thread,
+        # or, on an event loop, in a thread of its own while the loop runs on.
+        self.blocking: Callable[..., Any] = blocking or _call
         # Resume keys settle a commit in doubt already; else the database may.
         self.commit_check = commit_check if keys is None else None
 
     def __call__(self, session: Session, chunk: list[Entry]) -> None:
+        self.transact(session, chunk, self.prepare(chunk))
+
+    def prepare(self, chunk: list[Entry]) -> list[tuple[Any, Any, Any]]:
+        """The chunk is in flight from here: each item's ``prepare``, outside
+        any transaction (an async run does this before it takes a connection)."""
         self.progress.started_items(len(chunk))
         try:
-            self._settle(session, chunk)
+            return self._prepare(chunk)
+        except BaseException:
+            self.progress.settled(len(chunk))
+            raise
+
+    def transact(self, session: Session, chunk: list[Entry], work: list[tuple[Any, Any, Any]]) -> None:
+        """The prepared items of ``chunk`` in their transaction(s), to the end."""
+        try:
+            if work:
+                self._finish(session, work, claimed=True)
         finally:
             self.progress.settled(len(chunk))
 
     def chunk_size(self) -> ChunkSize:
         """The calling worker thread's chunk size (what it takes next)."""
+        if self._one_size is not None:
+            return self._one_size
         size = getattr(self._sizes, "size", None)
         if size is None:
             size = self._sizes.size = ChunkSize(self.batch_size, adapt=self.adapt)
         return size
-
-    def _settle(self, session: Session, chunk: list[Entry]) -> None:
-        work = self._prepare(chunk)
-        if work:
-            self._finish(session, work, claimed=True)
 
     def _finish(self, session: Session, work: list, *, claimed: bool) -> None:
         error = self._transact(session, work, claimed=claimed)
@@ -208,10 +227,11 @@ class Unit:
                     self.feed.record_failures(session, [_failure(w, e) for w, e in failed])
                 if self.keys is not None and good:
                     self.keys.record(session, [item for item, _, _ in good])
-                verdict = self.fence.verdict(epoch)
+                if self.commit_check is not None:
+                    # Before the verdict: nothing but COMMIT may come between the two.
+                    mark = self.commit_check.mark(session)
+                verdict = self.fence.verdict(epoch, wait=False) or self.blocking(self.fence.verdict, epoch)
                 if verdict is Verdict.COMMIT:
-                    if self.commit_check is not None:
-                        mark = self.commit_check.mark(session)
                     committing = True
                     self._commit(session, len(good))
                     self._failed_alone(failed)
@@ -237,7 +257,7 @@ class Unit:
                 )
             if do is Do.WAIT:
                 do = attempt.after_outage(
-                    back=self.outage.wait(error),
+                    back=self.blocking(self.outage.wait, error),
                     gave_up=self.outage.gave_up,
                     stopping=self.stop.is_set(),
                     items=len(work),
@@ -258,7 +278,7 @@ class Unit:
                     for part in attempt.parts(work, size):
                         self._finish(session, part, claimed=False)
                     return None
-                time.sleep(backoff(tally.retries))
+                self.blocking(time.sleep, backoff(tally.retries))
                 continue
             if do is Do.ROLL_BACK:
                 self.progress.roll_back(len(work))
@@ -390,7 +410,7 @@ class Unit:
         if attempt.before_settle(can_look=self.keys is not None or self.commit_check is not None) is Do.FAIL:
             return unknown
         while True:
-            if not self.outage.wait(error):
+            if not self.blocking(self.outage.wait, error):
                 self.progress.roll_back(len(work))
                 return None
             try:
@@ -455,6 +475,10 @@ def _failure(entry: Any, error: BaseException) -> tuple[Any, Any, str, str]:
     """(token, item, its repr, the error's line): a failure as the feed records it."""
     item, token, _ = entry
     return token, item, safe_repr(item), error_line(error)
+
+
+def _call(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
 
 
 def _rollback(session: Session) -> None:
