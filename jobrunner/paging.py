@@ -13,7 +13,8 @@ bound) and is read again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from sqlalchemy import Select
@@ -24,7 +25,7 @@ from jobrunner.outage import Kind, classify
 OUTAGE_INFO = "jobrunner_outage"
 
 
-def paged(session: Session, query: Select[Any], *, key: Any, size: int = 1000) -> Iterator[Any]:
+def paged(session: Any, query: Select[Any], *, key: Any, size: int = 1000) -> Any:
     """Yield the rows of ``query`` in order of ``key``, ``size`` rows per short
     transaction: a scalar per row when ``query`` selects one column, else a tuple.
 
@@ -34,9 +35,21 @@ def paged(session: Session, query: Select[Any], *, key: Any, size: int = 1000) -
 
         def items(ctx, session):
             return jobrunner.paged(session, select(Product.id), key=Product.id)
+
+    An async job hands it its AsyncSession and gets an async iterator::
+
+        async def items(ctx, session):
+            async for product_id in jobrunner.paged(session, select(Product.id), key=Product.id):
+                yield product_id
     """
     if size < 1:
         raise ValueError("paged(): size must be at least 1")
+    if hasattr(session, "sync_session"):  # an AsyncSession
+        return _paged_async(session, query, key=key, size=size)
+    return _paged(session, query, key=key, size=size)
+
+
+def _paged(session: Session, query: Select[Any], *, key: Any, size: int) -> Iterator[Any]:
     width = len(query.selected_columns)
     page_query = query.add_columns(key).order_by(None).order_by(key).limit(size)
     outage = session.info.get(OUTAGE_INFO)
@@ -49,6 +62,32 @@ def paged(session: Session, query: Select[Any], *, key: Any, size: int = 1000) -
         except Exception as error:
             session.rollback()
             if outage is not None and classify(error) is Kind.GONE and outage.wait(error):
+                continue
+            raise
+        if not rows:
+            return
+        for row in rows:
+            yield row[0] if width == 1 else tuple(row[:width])
+        last = rows[-1][width]
+        if len(rows) < size:
+            return
+
+
+async def _paged_async(session: Any, query: Select[Any], *, key: Any, size: int) -> AsyncIterator[Any]:
+    """:func:`paged` on an AsyncSession: the same pages, awaited."""
+    width = len(query.selected_columns)
+    page_query = query.add_columns(key).order_by(None).order_by(key).limit(size)
+    outage = session.info.get(OUTAGE_INFO)
+    last: Any = None
+    while True:
+        statement = page_query if last is None else page_query.where(key > last)
+        try:
+            rows = (await session.execute(statement)).all()
+            await session.rollback()
+        except Exception as error:
+            await session.rollback()
+            gone = outage is not None and classify(error) is Kind.GONE
+            if gone and await asyncio.to_thread(outage.wait, error):
                 continue
             raise
         if not rows:

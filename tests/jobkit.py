@@ -342,3 +342,100 @@ def process_batch(ctx, session, items):
     rows = [{"item": -item - 1000 if item in taken else item} for item in items]
     session.execute(insert(done), rows)
 '''
+
+# -- async jobs -------------------------------------------------------------------
+# Each item records its task and its session; prepare() awaits, and counts the
+# items in flight (prepare to commit) at its start.
+ASYNC_RECORD = '''
+"""An async job: every item says which task and which session did it."""
+import asyncio, uuid
+from sqlalchemy import text
+
+state = {"in_flight": 0}
+
+async def setup(ctx, session):
+    await session.execute(text(
+        "CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL, task VARCHAR(40) NOT NULL, "
+        "sess VARCHAR(40) NOT NULL, peak INTEGER NOT NULL)"))
+
+async def items(ctx, session):
+    for i in range(int(ctx.params.get("n", 200))):
+        yield i
+
+def item_key(item):
+    return str(item)
+
+async def prepare(ctx, item):
+    state["in_flight"] += 1
+    peak = state["in_flight"]
+    await asyncio.sleep(float(ctx.params.get("wait", 0.01)))
+    return item, peak
+
+async def process(ctx, session, value):
+    item, peak = value
+    try:
+        if str(item) in ctx.params.get("bad", "").split(","):
+            raise ValueError(f"item {item} is bad")
+        tag = session.info.setdefault("tag", uuid.uuid4().hex)
+        await session.execute(text("INSERT INTO effects VALUES (:i, :t, :s, :p)"),
+            {"i": item, "t": asyncio.current_task().get_name(), "s": tag, "p": peak})
+        await asyncio.sleep(float(ctx.params.get("sleep", 0)))
+    finally:
+        state["in_flight"] -= 1
+'''
+
+ASYNC_PAIRS = '''
+"""An async job whose items each write two rows, awaiting between them."""
+import asyncio, os, time
+from sqlalchemy import text
+
+async def setup(ctx, session):
+    await session.execute(text(
+        "CREATE TABLE IF NOT EXISTS pairs (item INTEGER NOT NULL, part INTEGER NOT NULL, "
+        "pid INTEGER NOT NULL, t0 DOUBLE PRECISION NOT NULL, t1 DOUBLE PRECISION NOT NULL)"))
+
+async def items(ctx, session):
+    return range(int(ctx.params.get("n", 20)))
+
+def item_key(item):
+    return str(item)
+
+async def process(ctx, session, item):
+    t0 = time.time()
+    await session.execute(text("INSERT INTO pairs VALUES (:i, 1, :p, :t0, :t0)"),
+                          {"i": item, "p": os.getpid(), "t0": t0})
+    if ctx.params.get("block") == str(item):
+        time.sleep(1.5)  # the mistake the run must name: a blocking call in async def
+    await asyncio.sleep(float(ctx.params.get("sleep", 0.1)))
+    t1 = time.time()
+    await session.execute(text("INSERT INTO pairs VALUES (:i, 2, :p, :t0, :t1)"),
+                          {"i": item, "p": os.getpid(), "t0": t0, "t1": t1})
+'''
+
+ASYNC_PAGED = '''
+"""An async job reading its items with jobrunner.paged; each writes one effect row."""
+import asyncio
+import jobrunner
+from sqlalchemy import Column, Integer, MetaData, Table, select, text
+
+metadata = MetaData()
+source = Table("source", metadata, Column("id", Integer, primary_key=True))
+
+async def setup(ctx, session):
+    await session.run_sync(lambda s: metadata.create_all(s.connection()))
+    await session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+    if not (await session.execute(text("SELECT count(*) FROM source"))).scalar():
+        n = int(ctx.params.get("n", 300))
+        await session.execute(source.insert(), [{"id": i} for i in range(n)])
+
+async def items(ctx, session):
+    async for key in jobrunner.paged(session, select(source.c.id), key=source.c.id, size=50):
+        yield key
+
+async def process(ctx, session, item):
+    await session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+    await asyncio.sleep(float(ctx.params.get("sleep", 0.01)))
+
+def item_key(item):
+    return str(item)
+'''

@@ -1,0 +1,233 @@
+"""Async jobs (``async def process``), run as a user runs them: ``jobrunner`` in
+a subprocess against real SQLite files, PostgreSQL and MariaDB servers, with
+real signals and SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+from helpers import assert_whole_items, finish, query, wait_for_rows
+from jobkit import ASYNC_PAGED, ASYNC_PAIRS, ASYNC_RECORD
+
+
+def effects(url: str) -> list[tuple]:
+    return query(url, "SELECT item, task, sess, peak FROM effects")
+
+
+def assert_each_once(url: str, n: int, missing: frozenset[int] = frozenset()) -> None:
+    items = sorted(row[0] for row in query(url, "SELECT item FROM effects"))
+    assert items == [i for i in range(n) if i not in missing], (
+        f"{len(items)} effect rows, {len(set(items))} distinct, {n} items"
+    )
+
+
+def test_an_async_job_does_each_item_once_with_an_async_session_per_task(cli, write_job, db_url):
+    """Every chunk's transaction is a task with a session of its own: no session
+    served two tasks. A bad item fails alone."""
+    write_job("arecord", ASYNC_RECORD)
+    out = cli(
+        "run", "arecord", "--database-url", db_url, "--param", "n=300", "--param", "bad=7",
+        "--concurrency", "50", "--workers", "4", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (299, 1)
+    assert summary["failures"] == [{"item": "7", "error": "ValueError: item 7 is bad"}]
+    assert_each_once(db_url, 300, missing=frozenset({7}))
+    tasks_of = defaultdict(set)
+    for _, task, session, _ in effects(db_url):
+        tasks_of[session].add(task)
+    shared = {s: t for s, t in tasks_of.items() if len(t) > 1}
+    assert not shared, f"sessions used by more than one task: {shared}"
+    assert len(tasks_of) == 299  # batch 1: a session per item's task
+    assert "Traceback" not in out.stderr and "never awaited" not in out.stderr
+
+
+def test_bad_items_in_async_chunks_are_isolated_and_the_rest_commit(cli, write_job, db_url):
+    write_job("arecord", ASYNC_RECORD)
+    out = cli(
+        "run", "arecord", "--database-url", db_url, "--param", "n=200", "--param", "bad=3,150",
+        "--batch-size", "20", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (198, 2)
+    assert summary["commits"] <= 10 + 2  # the bad items cost savepoints, not a transaction per item
+    assert_each_once(db_url, 200, missing=frozenset({3, 150}))
+
+
+@pytest.mark.postgres
+def test_concurrency_bounds_items_in_flight_and_workers_bound_connections(cli, write_job, pg_url):
+    """2,000 items each awaiting 0.2 s in prepare at --concurrency 400 --workers 4:
+    about 400 in flight (so a few seconds, not 100 s), on W + a few connections."""
+    write_job("arecord", ASYNC_RECORD)
+    database = pg_url.rsplit("/", 1)[1]
+    peak_connections = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            [(count,)] = query(
+                pg_url,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'jobrunner arecord%' "
+                f"AND datname = '{database}'",
+            )
+            peak_connections[0] = max(peak_connections[0], count)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        t0 = time.monotonic()
+        out = cli(
+            "run", "arecord", "--database-url", pg_url, "--param", "n=2000", "--param", "wait=0.2",
+            "--concurrency", "400", "--workers", "4", "--json",
+        )  # fmt: skip
+        took = time.monotonic() - t0
+    finally:
+        done.set()
+        watcher.join()
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["succeeded"] == 2000
+    assert_each_once(pg_url, 2000)
+    [(peak,)] = query(pg_url, "SELECT max(peak) FROM effects")
+    assert 300 <= peak <= 400, peak
+    assert took < 30, took
+    # 4 workers, the items reader, setup's, the lock and jobrunner's own rows
+    assert 0 < peak_connections[0] <= 4 + 5, peak_connections[0]
+
+
+def test_an_async_dry_run_changes_nothing_and_reports_what_it_would(cli, write_job, db_url):
+    write_job("arecord", ASYNC_RECORD)
+    made = cli("run", "arecord", "--database-url", db_url, "--param", "n=0")  # the table, empty
+    assert made.returncode == 0, made.stderr
+    out = cli("run", "arecord", "--database-url", db_url, "--param", "n=30", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["dry_run"] is True and summary["succeeded"] == 30
+    assert summary["changes"]["effects"]["insert"] == 30
+    assert query(db_url, "SELECT count(*) FROM effects") == [(0,)]
+
+
+@pytest.mark.postgres
+def test_async_items_from_paged_sigkill_then_resume_does_each_item_once(cli, spawn, write_job, pg_url):
+    write_job("apaged", ASYNC_PAGED)
+    run = spawn("run", "apaged", "--database-url", pg_url, "--param", "n=400", "--param", "sleep=0.05")
+    wait_for_rows(pg_url, "effects", minimum=40)
+    run.send_signal(signal.SIGKILL)
+    finish(run)
+    out = cli("run", "apaged", "--database-url", pg_url, "--param", "sleep=0", "--resume", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["skipped"] >= 40 and summary["succeeded"] + summary["skipped"] == 400
+    assert sorted(i for (i,) in query(pg_url, "SELECT item FROM effects")) == list(range(400))
+
+
+def test_a_second_copy_of_an_async_job_exits_75(cli, spawn, write_job, db_url):
+    write_job("apairs", ASYNC_PAIRS)
+    first = spawn("run", "apairs", "--database-url", db_url, "--param", "n=40", "--param", "sleep=0.2")
+    wait_for_rows(db_url, "pairs", minimum=2)
+    second = cli("run", "apairs", "--database-url", db_url)
+    assert second.returncode == 75, second.stderr
+    code, _, err = finish(first)
+    assert code == 0, err
+    assert_whole_items(db_url)
+
+
+@pytest.mark.postgres
+def test_async_items_in_flight_when_the_lock_connection_dies_do_not_commit(spawn, write_job, pg_url):
+    write_job("apairs", ASYNC_PAIRS)
+    run = spawn(
+        "run", "apairs", "--database-url", pg_url, "--param", "n=12", "--param", "sleep=2",
+        "--heartbeat", "0.2", "--json",
+    )  # fmt: skip
+    wait_for_rows(pg_url, "jobrunner_runs")
+    time.sleep(1.0)  # the first four items are half-way through
+    killed_at = time.time()
+    database = pg_url.rsplit("/", 1)[1]
+    killed = query(
+        pg_url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = 'jobrunner apairs lock' AND datname = '{database}'",
+    )
+    assert killed == [(True,)]
+    code, _, err = finish(run, timeout=60)
+    assert code == 0, err
+    assert "lock in doubt" in err and "lock taken again" in err
+    stale = query(pg_url, f"SELECT item, t0, t1 FROM pairs WHERE part = 2 AND t0 < {killed_at}")
+    assert stale == [], f"items begun before the loss committed after it: {stale}"
+    assert_whole_items(pg_url)
+    assert sorted(i for (i,) in query(pg_url, "SELECT item FROM pairs WHERE part = 2")) == list(range(12))
+
+
+@pytest.mark.postgres
+def test_a_fast_restart_mid_async_run_fails_no_item(spawn, write_job, own_pg, own_pg_url):
+    write_job("apaged", ASYNC_PAGED)
+    run = spawn("run", "apaged", "--database-url", own_pg_url, "--param", "n=400", "--json")
+    wait_for_rows(own_pg_url, "effects", minimum=60)
+    own_pg.pg_ctl("-m", "fast", "-w", "restart")
+    code, out, err = finish(run)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert (summary["succeeded"], summary["failed"]) == (400, 0)
+    assert "the database is unreachable" in err and "the database is back" in err
+    assert sorted(i for (i,) in query(own_pg_url, "SELECT item FROM effects")) == list(range(400))
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_lets_async_items_in_flight_finish_whole(spawn, write_job, db_url, signum, code):
+    write_job("apairs", ASYNC_PAIRS)
+    run = spawn(
+        "run", "apairs", "--database-url", db_url, "--param", "n=400", "--param", "sleep=0.3",
+        "--concurrency", "8", "--json",
+    )  # fmt: skip
+    wait_for_rows(db_url, "pairs", minimum=8)
+    run.send_signal(signum)
+    rc, out, err = finish(run, timeout=30)
+    assert rc == code, err
+    summary = json.loads(out)
+    assert summary["status"] == "interrupted" and 0 < summary["succeeded"] < 400
+    assert_whole_items(db_url)
+    [(done,)] = query(db_url, "SELECT count(*) FROM pairs WHERE part = 2")
+    assert done == summary["succeeded"]
+    assert "Traceback" not in err and "never awaited" not in err and "destroyed" not in err
+
+
+def test_a_job_that_blocks_the_event_loop_is_told_once(cli, write_job, sqlite_url):
+    write_job("apairs", ASYNC_PAIRS)
+    out = cli(
+        "run", "apairs", "--database-url", sqlite_url, "--param", "n=20", "--param", "sleep=0.05",
+        "--param", "block=3",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "event loop" in line]
+    assert len(lines) == 1, out.stderr
+    assert "process()" in lines[0] and "apairs.py" in lines[0]
+
+
+def test_an_async_job_cannot_run_distributed_yet(cli, write_job, sqlite_url):
+    write_job("apairs", ASYNC_PAIRS)
+    out = cli("run", "apairs", "--database-url", sqlite_url, "--processes", "2")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "async job" in out.stderr
+
+
+def test_a_job_mixing_async_and_plain_hooks_is_refused(cli, write_job, sqlite_url):
+    write_job(
+        "mixed",
+        """
+        async def items(ctx, session):
+            yield 1
+
+        def process(ctx, session, item):
+            pass
+        """,
+    )
+    out = cli("run", "mixed", "--database-url", sqlite_url)
+    assert out.returncode == 2, out.stderr
+    assert "items() must be a plain def" in out.stderr and "Traceback" not in out.stderr
