@@ -222,7 +222,7 @@ def url_for(url: str, *, asynchronous: bool) -> str:
     if name is None:
         return url
     if fam == "mysql" and backend == "mariadb":
-        name = name.replace("mysql", "mariadb")
+        name = "mariadb+" + name.split("+", 1)[1]
     return parsed.set(drivername=name).render_as_string(hide_password=False)
 
 

@@ -439,3 +439,24 @@ async def process(ctx, session, item):
 def item_key(item):
     return str(item)
 '''
+
+# Read-modify-write of one hot row at the database's safe default isolation:
+# the losers of each race get a serialization failure or a deadlock, retried.
+ASYNC_COUNTER = '''
+"""Increment one counter per item, reading it first (async)."""
+import asyncio
+from sqlalchemy import text
+
+async def setup(ctx, session):
+    await session.execute(text("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+    if (await session.execute(text("SELECT count(*) FROM counter"))).scalar() == 0:
+        await session.execute(text("INSERT INTO counter VALUES (1, 0)"))
+
+async def items(ctx, session):
+    return range(int(ctx.params.get("n", 200)))
+
+async def process(ctx, session, item):
+    n = (await session.execute(text("SELECT n FROM counter WHERE id = 1"))).scalar()
+    await asyncio.sleep(0.002)  # let the others read the same value
+    await session.execute(text("UPDATE counter SET n = :n WHERE id = 1"), {"n": n + 1})
+'''

@@ -231,3 +231,35 @@ def test_a_job_mixing_async_and_plain_hooks_is_refused(cli, write_job, sqlite_ur
     out = cli("run", "mixed", "--database-url", sqlite_url)
     assert out.returncode == 2, out.stderr
     assert "items() must be a plain def" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_async_conflicts_are_retried_from_each_drivers_own_errors(cli, write_job, db_url):
+    """A hot row read and written by every item at the default isolation:
+    asyncpg's 40001, MariaDB's deadlock (1213) and SQLite's busy are retried,
+    and no update is lost."""
+    from jobkit import ASYNC_COUNTER
+
+    write_job("acounter", ASYNC_COUNTER)
+    out = cli(
+        "run", "acounter", "--database-url", db_url, "--param", "n=150", "--workers", "4",
+        "--retries", "1000", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["succeeded"] == 150
+    assert query(db_url, "SELECT n FROM counter") == [(150,)]
+    if not db_url.startswith("sqlite"):
+        assert summary["retried"] > 0  # SQLite's BEGIN IMMEDIATE takes turns instead
+
+
+def test_max_failures_aborts_an_async_run(cli, write_job, sqlite_url):
+    write_job("arecord", ASYNC_RECORD)
+    bad = ",".join(str(i) for i in range(0, 400, 2))
+    out = cli(
+        "run", "arecord", "--database-url", sqlite_url, "--param", "n=400", "--param", f"bad={bad}",
+        "--max-failures", "3", "--concurrency", "4", "--workers", "2", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["status"] == "aborted" and 4 <= summary["failed"] <= 12
+    assert "aborted: more than 3 items failed" in out.stderr

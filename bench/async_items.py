@@ -1,0 +1,188 @@
+"""Async jobs against threaded ones: side by side, alternating, median of --runs.
+
+    python bench/async_items.py --runs 3
+
+On a durable PostgreSQL (fsync and synchronous_commit on) that it starts
+itself (tests/pgserver.py):
+
+- I/O-bound: items whose prepare() waits 100 ms (asyncio.sleep in the async
+  job, time.sleep in the threaded one), then one UPDATE; the async job at
+  --concurrency 1000 --workers 8 against the threaded job at 8, 32 and 128
+  workers. Items/s, the most connections the run held at once (sampled from
+  pg_stat_activity every 50 ms) and the run's peak RSS.
+- Database-bound: one UPDATE per item at batch 1, and process_batch at batch
+  1000, async (asyncpg) against threaded (psycopg2) at 4 and 16 workers, and
+  raw asyncpg (executemany per 1000 in a transaction).
+
+Prints Markdown tables for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from pgserver import PostgresServer, find_bindir  # noqa: E402
+
+
+def fresh_rows(url: str, count: int) -> None:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS bench_rows"))
+        conn.execute(text("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+        conn.execute(text(f"INSERT INTO bench_rows SELECT g, 0 FROM generate_series(1, {count}) g"))
+        conn.execute(text("VACUUM ANALYZE bench_rows"))
+    engine.dispose()
+
+
+class Connections:
+    """The most backends named 'jobrunner <job>...' at once, while a run goes on."""
+
+    def __init__(self, url: str, job: str) -> None:
+        self.url, self.job, self.peak = url, job, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def __enter__(self) -> Connections:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        engine = create_engine(self.url)
+        sql = text("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE :name")
+        with engine.connect() as conn:
+            while not self._done.wait(0.05):
+                count = conn.execute(sql, {"name": f"jobrunner {self.job}%"}).scalar()
+                conn.rollback()
+                self.peak = max(self.peak, count or 0)
+        engine.dispose()
+
+
+def run(url: str, job: str, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+    env["PYTHONPATH"] = str(HERE.parent)
+    command = [sys.executable, "-m", "jobrunner", "run", job, "--jobs-path", str(HERE / "jobs")]
+    command += ["--database-url", url, "--json", "--no-lock", *args]
+    with tempfile.TemporaryDirectory() as cwd, Connections(url, job) as connections:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env
+        )
+        stdout, stderr = _communicate(proc)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+        code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{job} {args}: exit {code}: {stderr[-2000:]}")
+    summary = json.loads(stdout)
+    summary["rss_mb"] = usage.ru_maxrss / 1024
+    summary["connections"] = connections.peak
+    return summary
+
+
+def _communicate(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Read both pipes to the end without reaping the process (wait4 does)."""
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else ""))
+    reader.start()
+    err = proc.stderr.read() if proc.stderr else ""
+    reader.join()
+    return out[0], err
+
+
+def raw_asyncpg(url: str, n: int, batch: int) -> float:
+    import asyncpg
+
+    dsn = url.replace("postgresql+psycopg2://", "postgresql://")
+
+    async def go() -> float:
+        conn = await asyncpg.connect(dsn)
+        t0 = time.monotonic()
+        for start in range(1, n + 1, batch):
+            async with conn.transaction():
+                rows = [(i,) for i in range(start, min(n, start + batch - 1) + 1)]
+                await conn.executemany("UPDATE bench_rows SET n = n + 1 WHERE id = $1", rows)
+        took = time.monotonic() - t0
+        await conn.close()
+        return n / took
+
+    return asyncio.run(go())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--items", type=int, default=20000)
+    options = parser.parse_args()
+    n = options.items
+    server = PostgresServer(find_bindir(), durable=True)
+    server.start()
+    try:
+        url = server.admin_url
+        fresh_rows(url, n)
+        io_cases = {
+            "async, --concurrency 1000 --workers 8": ("bench_io_async", ["-c", "1000", "-w", "8"]),
+            "threads, --workers 8": ("bench_io", ["-w", "8"]),
+            "threads, --workers 32": ("bench_io", ["-w", "32"]),
+            "threads, --workers 128": ("bench_io", ["-w", "128"]),
+        }
+        db_cases = {
+            "async, per item, -w 4": ("bench_io_async", ["-w", "4", "--param", "wait=0"]),
+            "threads, per item, -w 4": ("bench_db", ["-w", "4"]),
+            "async, per item, -w 16": ("bench_io_async", ["-w", "16", "--param", "wait=0"]),
+            "threads, per item, -w 16": ("bench_db", ["-w", "16"]),
+            "async, process_batch -b 1000, -w 4": (
+                "bench_io_async",
+                ["-w", "4", "-b", "1000", "--param", "wait=0"],
+            ),
+            "threads, process_batch -b 1000, -w 4": ("bench_db", ["-w", "4", "-b", "1000"]),
+        }
+        results: dict[str, list[dict]] = {name: [] for name in [*io_cases, *db_cases]}
+        raw: list[float] = []
+        for _ in range(options.runs):
+            for name, (job, args) in {**io_cases, **db_cases}.items():
+                results[name].append(run(url, job, "--param", f"n={n}", *args))
+            raw.append(raw_asyncpg(url, n, 1000))
+        print(f"I/O-bound: {n:,} items, prepare() waits 100 ms, then one UPDATE; median of {options.runs}")
+        print()
+        print("| run | items/s | connections at most | peak RSS (MB) |")
+        print("|---|---:|---:|---:|")
+        for name in io_cases:
+            rows = results[name]
+            rate = median([r["items_per_second"] for r in rows])
+            rss = median([r["rss_mb"] for r in rows])
+            print(f"| {name} | {rate:,.0f} | {max(r['connections'] for r in rows)} | {rss:.0f} |")
+        print()
+        print(f"Database-bound: {n:,} single-row UPDATEs; median of {options.runs}")
+        print()
+        print("| run | items/s |")
+        print("|---|---:|")
+        for name in db_cases:
+            print(f"| {name} | {median([r['items_per_second'] for r in results[name]]):,.0f} |")
+        print(f"| raw asyncpg, executemany per 1,000, one connection | {median(raw):,.0f} |")
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
