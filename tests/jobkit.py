@@ -448,7 +448,8 @@ import asyncio
 from sqlalchemy import text
 
 async def setup(ctx, session):
-    await session.execute(text("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+    await session.execute(
+        text("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
     if (await session.execute(text("SELECT count(*) FROM counter"))).scalar() == 0:
         await session.execute(text("INSERT INTO counter VALUES (1, 0)"))
 
