@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from jobrunner import appcode
 from jobrunner import db as dbmod
 from jobrunner.exceptions import ConfigError, WorkerCrashed
 
@@ -43,7 +44,7 @@ ASYNC_EXTRA_HINT = "pip install 'jobrunner[async]'"
 BLOCKED_S = 1.0  # a loop stalled this long is said once
 TICK_S = 0.1
 PULL_BATCH = 256  # items an async items() hands over per hop to the feeding thread
-ASYNC_INFO = "jobrunner_async_session"  # sync_session.info: its AsyncSession
+ASYNC_INFO = appcode.ASYNC_SESSION  # sync_session.info: its AsyncSession
 OWNER_TASK = "jobrunner_owner_task"
 
 try:
@@ -327,27 +328,50 @@ class OneTransaction:
 
 
 # -- the job's hooks, in the shape the run calls ------------------------------------------
-def adapt(job: Any, loop: EventLoop) -> Any:
+def adapt(job: Any, loop: EventLoop, app: appcode.AppCode | None = None) -> Any:
     """``job`` with each ``async def`` hook wrapped as a plain function that
-    awaits it on the loop, handed the AsyncSession of the session it gets."""
+    awaits it on the loop, handed the AsyncSession of the session it gets.
+
+    The job's SCOPED_SESSION (an ``async_scoped_session``, scoped to the
+    task) and APP_CONTEXT are bound inside the task that runs the hook's
+    coroutine, not in the thread that asked for it."""
     hooks = ("items", "setup", "count", "prepare", "process", "process_batch")
-    return dataclasses.replace(job, **{h: _sync(loop, getattr(job, h)) for h in hooks})
+    return dataclasses.replace(job, **{h: _sync(loop, getattr(job, h), app) for h in hooks})
 
 
-def _sync(loop: EventLoop, function: Callable[..., Any] | None) -> Callable[..., Any] | None:
+def _sync(
+    loop: EventLoop, function: Callable[..., Any] | None, app: appcode.AppCode | None
+) -> Callable[..., Any] | None:
     if function is None:
         return None
 
     @functools.wraps(function)
     def call(*args: Any) -> Any:
-        result = function(*(_async_of(arg) for arg in args))
-        if inspect.isawaitable(result):
-            result = loop.await_(result)
+        session = next((arg for arg in args if isinstance(arg, Session)), None)
+        scope = functools.partial(_bound, app, session)
+        result = loop.await_(scope(_call_async(function, *(_async_of(arg) for arg in args))))
         if hasattr(result, "__aiter__"):
-            return _Pulled(loop, result)
+            return _Pulled(loop, result, scope)
         return result
 
     return call
+
+
+async def _call_async(function: Callable[..., Any], *args: Any) -> Any:
+    result = function(*args)
+    return (await result) if inspect.isawaitable(result) else result
+
+
+async def _bound(app: appcode.AppCode | None, session: Any, awaitable: Any) -> Any:
+    """``awaitable`` with the job's APP_CONTEXT and SCOPED_SESSION (bound to
+    ``session``) in place, in the task that awaits it."""
+    if app is None:
+        return await awaitable
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(app.thread())
+        if session is not None:
+            scope.enter_context(app.hook(session))
+        return await awaitable
 
 
 def _async_of(value: Any) -> Any:
@@ -360,8 +384,8 @@ class _Pulled(Iterator[Any]):
     """An async iterable (an async items()) read from the feeding thread, a
     batch of items per hop to the loop."""
 
-    def __init__(self, loop: EventLoop, iterable: Any) -> None:
-        self.loop, self.iterator = loop, iterable.__aiter__()
+    def __init__(self, loop: EventLoop, iterable: Any, scope: Callable[[Any], Any]) -> None:
+        self.loop, self.iterator, self.scope = loop, iterable.__aiter__(), scope
         self.buffer: list[Any] = []
         self.ended = False
 
@@ -369,7 +393,7 @@ class _Pulled(Iterator[Any]):
         if not self.buffer:
             if self.ended:
                 raise StopIteration
-            self.buffer, self.ended = self.loop.await_(self._pull())
+            self.buffer, self.ended = self.loop.await_(self.scope(self._pull()))
             self.buffer.reverse()
             if not self.buffer:
                 raise StopIteration

@@ -9,7 +9,9 @@ hook jobrunner calls with a session (``setup``, ``items``, ``count``,
 session, in every thread; between hooks and after the run it holds nothing
 of jobrunner's. ``APP_CONTEXT = <a callable returning a context manager>``
 (Flask: ``app.app_context``) is entered once in each thread that runs job
-code, for as long as it runs it.
+code, for as long as it runs it. An async job's registry is an
+``async_scoped_session`` scoped to the task: it is bound, and APP_CONTEXT
+entered, inside the task that runs each hook (see ``aio.adapt``).
 
 The session is jobrunner's item session (``db.ItemSession``), so a service's
 ``Session.commit()`` does not end the item's transaction, and its
@@ -22,8 +24,8 @@ until the hook returns, the registry then hands out the item's session again
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,17 +40,21 @@ class AppCode:
     """A job's SCOPED_SESSION and APP_CONTEXT, bound to jobrunner's sessions."""
 
     def __init__(self, name: str, registry: Any, app_context: Callable[[], Any] | None) -> None:
-        if registry is not None and not isinstance(registry, scoped_session):
+        self.is_async = registry is not None and _is_async_registry(registry)
+        if registry is not None and not isinstance(registry, scoped_session) and not self.is_async:
             raise JobError(
                 f"job {name!r}: SCOPED_SESSION must be a sqlalchemy.orm.scoped_session "
-                f"(Flask-SQLAlchemy: db.session), not {type(registry).__name__}"
+                f"(Flask-SQLAlchemy: db.session), or an async_scoped_session for an async job, "
+                f"not {type(registry).__name__}"
             )
         if app_context is not None and not callable(app_context):
             raise JobError(f"job {name!r}: APP_CONTEXT must be a callable returning a context manager")
         self.name = name
         self.registry = registry
         self.app_context = app_context
-        self._current = threading.local()  # the item session of the hook running in this thread
+        # The item session of the hook running in this thread (or task: an
+        # async job's hooks run in tasks, each with a context of its own).
+        self._current: contextvars.ContextVar[Any] = contextvars.ContextVar("jobrunner_item_session")
         self._createfunc: Callable[[], Any] | None = None
 
     @classmethod
@@ -91,15 +97,16 @@ class AppCode:
         if self.registry is None:
             yield
             return
+        if self.is_async:  # the AsyncSession whose sync half the hook was given
+            session = session.info.get(ASYNC_SESSION, session)
         registry = self.registry.registry
         before = registry() if registry.has() else None
-        outer = getattr(self._current, "session", None)
+        token = self._current.set(session)
         registry.set(session)
-        self._current.session = session
         try:
             yield
         finally:
-            self._current.session = outer
+            self._current.reset(token)
             if before is not None:
                 registry.set(before)
             else:
@@ -116,7 +123,7 @@ class AppCode:
         original = registry.createfunc
 
         def create() -> Any:
-            current = getattr(self._current, "session", None)
+            current = self._current.get(None)
             return current if current is not None else original()
 
         registry.createfunc = create
@@ -124,6 +131,17 @@ class AppCode:
             yield
         finally:
             registry.createfunc = original
+
+
+ASYNC_SESSION = "jobrunner_async_session"  # sync_session.info: its AsyncSession (see aio.py)
+
+
+def _is_async_registry(registry: Any) -> bool:
+    try:
+        from sqlalchemy.ext.asyncio import async_scoped_session
+    except ImportError:  # pragma: no cover - without the async extra there is no such registry
+        return False
+    return isinstance(registry, async_scoped_session)
 
 
 def _registry_url(name: str, registry: scoped_session[Any]) -> str | None:

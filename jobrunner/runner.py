@@ -145,7 +145,12 @@ def _check_async(config: Config, app: Any) -> None:
     if config.distributed:
         raise ConfigError("an async job runs in one process for now: --processes and --join do not apply")
     if app is not None:
-        raise ConfigError("an async job cannot use SCOPED_SESSION or APP_CONTEXT yet")
+        if app.registry is not None and not app.is_async:
+            raise ConfigError(
+                "an async job's SCOPED_SESSION must be an async_scoped_session "
+                "(scopefunc=asyncio.current_task)"
+            )
+        app.check(config.database_url)
 
 
 def help_run(
@@ -268,7 +273,7 @@ class _Run:
             self.async_database = aio.AsyncDatabase(
                 self.database, self.config.database_url, self.config.workers, self.loop
             )
-            self.job = aio.adapt(self.job, self.loop)
+            self.job = aio.adapt(self.job, self.loop, self.app)
             try:
                 yield
             finally:
@@ -282,12 +287,17 @@ class _Run:
         return self.app.installed() if self.app is not None else contextlib.nullcontext()
 
     def in_thread(self) -> contextlib.AbstractContextManager[Any]:
-        """The job's APP_CONTEXT, for a thread that runs job code."""
-        return self.app.thread() if self.app is not None else contextlib.nullcontext()
+        """The job's APP_CONTEXT, for a thread that runs job code (an async
+        job's are entered in the task that runs it: see aio.adapt)."""
+        if self.app is None or self.job.is_async:
+            return contextlib.nullcontext()
+        return self.app.thread()
 
     def in_hook(self, session: Any) -> contextlib.AbstractContextManager[Any]:
         """The job's SCOPED_SESSION returns ``session`` while a hook runs on it."""
-        return self.app.hook(session) if self.app is not None else contextlib.nullcontext()
+        if self.app is None or self.job.is_async:
+            return contextlib.nullcontext()
+        return self.app.hook(session)
 
     @contextlib.contextmanager
     def _counting_changes(self) -> Iterator[None]:

@@ -263,3 +263,82 @@ def test_max_failures_aborts_an_async_run(cli, write_job, sqlite_url):
     summary = json.loads(out.stdout)
     assert summary["status"] == "aborted" and 4 <= summary["failed"] <= 12
     assert "aborted: more than 3 items failed" in out.stderr
+
+
+ASYNC_SCOPED = """
+\"\"\"Application code finds its session through an async_scoped_session.\"\"\"
+import asyncio, os
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker, create_async_engine
+
+engine = create_async_engine(os.environ["APP_URL"])
+Session = async_scoped_session(async_sessionmaker(engine), scopefunc=asyncio.current_task)
+SCOPED_SESSION = Session
+
+async def record(item):  # the application's own service: it takes no session
+    await Session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+    await Session.commit()
+
+async def setup(ctx, session):
+    assert Session() is session
+    await Session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+
+async def items(ctx, session):
+    assert Session() is session
+    for i in range(int(ctx.params.get("n", 60))):
+        yield i
+
+def item_key(item):
+    return str(item)
+
+async def process(ctx, session, item):
+    assert Session() is session, "the registry hands out the item's session"
+    await record(item)
+    if item == 3:
+        raise ValueError("fails after its service committed")
+"""
+
+
+def test_an_async_scoped_session_hands_application_code_the_items_session(cli, write_job, db_url):
+    """The service commits through the registry, then the item fails: nothing
+    of it stays; every other item once, each on its own task's session."""
+    from sqlalchemy.engine import make_url
+
+    write_job("ascoped", ASYNC_SCOPED)
+    app_url = (
+        make_url(db_url)
+        .set(
+            drivername={"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}.get(
+                make_url(db_url).get_backend_name(), "mysql+aiomysql"
+            )
+        )
+        .render_as_string(hide_password=False)
+    )
+    out = cli("run", "ascoped", "--database-url", db_url, "--json", env={"APP_URL": app_url})
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (59, 1), out.stderr
+    assert "ValueError: fails after its service committed" in summary["failures"][0]["error"]
+    items = sorted(i for (i,) in query(db_url, "SELECT item FROM effects"))
+    assert items == [i for i in range(60) if i != 3]
+
+
+def test_an_async_job_with_a_threads_scoped_session_is_refused(cli, write_job, sqlite_url):
+    write_job(
+        "athreads",
+        """
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import scoped_session, sessionmaker
+
+        SCOPED_SESSION = scoped_session(sessionmaker(create_engine("sqlite://")))
+
+        async def items(ctx, session):
+            yield 1
+
+        async def process(ctx, session, item):
+            pass
+        """,
+    )
+    out = cli("run", "athreads", "--database-url", sqlite_url)
+    assert out.returncode == 2, out.stderr
+    assert "async_scoped_session" in out.stderr and out.stderr.strip().count("\n") == 0
