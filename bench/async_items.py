@@ -147,14 +147,11 @@ def main() -> None:
             "threads, --workers 128": ("bench_io", ["-w", "128"]),
         }
         db_cases = {
-            "async, per item, -w 4": ("bench_io_async", ["-w", "4", "--param", "wait=0"]),
+            "async, per item, -w 4": ("bench_db_async", ["-w", "4"]),
             "threads, per item, -w 4": ("bench_db", ["-w", "4"]),
-            "async, per item, -w 16": ("bench_io_async", ["-w", "16", "--param", "wait=0"]),
+            "async, per item, -w 16": ("bench_db_async", ["-w", "16"]),
             "threads, per item, -w 16": ("bench_db", ["-w", "16"]),
-            "async, process_batch -b 1000, -w 4": (
-                "bench_io_async",
-                ["-w", "4", "-b", "1000", "--param", "wait=0"],
-            ),
+            "async, process_batch -b 1000, -w 4": ("bench_db_async", ["-w", "4", "-b", "1000"]),
             "threads, process_batch -b 1000, -w 4": ("bench_db", ["-w", "4", "-b", "1000"]),
         }
         results: dict[str, list[dict]] = {name: [] for name in [*io_cases, *db_cases]}

@@ -413,8 +413,10 @@ class _Pulled(Iterator[Any]):
 class Tasks:
     """The asyncio executor: chunks taken from the feed become tasks on the
     loop; at most ``concurrency`` items are in flight (those awaiting
-    ``prepare`` included) and at most ``workers`` transactions run at once,
-    each on an AsyncSession of its own, made and closed by its task.
+    ``prepare`` included) and at most ``workers`` transactions run at once.
+    A chunk's task holds one of ``workers`` AsyncSessions for its
+    transaction, and no other task uses that session until it is done (as a
+    worker thread keeps one Session for the whole run).
 
     One consumer of the feed (``count``): a dispatcher takes chunks in a
     thread of its own (the feed's take may wait) and starts a task per
@@ -431,15 +433,17 @@ class Tasks:
         workers: int,
         concurrency: int,
         batch_size: int,
-        take: Callable[[Any], list[Any] | None],
+        take: Callable[..., list[Any] | None],
         unit: Any,
         pause: Callable[[], bool] | None = None,
+        paused: Callable[[], bool] = lambda: False,
         thread_name: str = "jobrunner-tasks",
     ) -> None:
         self.loop, self.database, self.unit = loop, database, unit
         self.workers = workers
         self.chunks_in_flight = max(1, concurrency // max(1, batch_size))
         self.take, self.pause = take, pause
+        self.paused = paused  # True while pause() would wait (an outage): ask it in the taker thread
         self.thread_name = thread_name
         self._taker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{thread_name}-take")
         self._done: concurrent.futures.Future[None] | None = None
@@ -478,9 +482,22 @@ class Tasks:
             return None
         return self.take(None)
 
+    async def _take(self, loop: asyncio.AbstractEventLoop) -> list[Any] | None:
+        """The next chunk: at once when the feed has one and the database is
+        not away (no thread hop), else waited for in the taker thread."""
+        if not self.paused():
+            ready = self.take(None, wait=False)
+            if ready is None or ready:
+                return ready
+        return await loop.run_in_executor(self._taker, self._next)
+
     async def _main(self) -> None:
         lanes = asyncio.Semaphore(self.chunks_in_flight)
-        transactions = asyncio.Semaphore(self.workers)
+        # A worker's session, as a worker thread keeps one: W of them, each
+        # used by one task at a time (the task that holds it), never two.
+        self._sessions: asyncio.Queue[AsyncSession | None] = asyncio.Queue()
+        for _ in range(self.workers):
+            self._sessions.put_nowait(None)
         running: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 
@@ -490,27 +507,36 @@ class Tasks:
             if not task.cancelled() and task.exception() is not None and self._error is None:
                 self._error = task.exception()
 
-        while self._error is None:
-            await lanes.acquire()
-            chunk = await loop.run_in_executor(self._taker, self._next)
-            if chunk is None:
-                break
-            task = asyncio.create_task(self._chunk(chunk, transactions))
-            running.add(task)
-            task.add_done_callback(ended)
-        while running:
-            await asyncio.wait(set(running))
+        try:
+            while self._error is None:
+                await lanes.acquire()
+                chunk = await self._take(loop)
+                if chunk is None:
+                    break
+                task = asyncio.create_task(self._chunk(chunk))
+                running.add(task)
+                task.add_done_callback(ended)
+            while running:
+                await asyncio.wait(set(running))
+        finally:
+            while not self._sessions.empty():
+                session = self._sessions.get_nowait()
+                if session is not None:
+                    await session.close()
         if self._error is not None:
             raise self._error
 
-    async def _chunk(self, chunk: list[Any], transactions: asyncio.Semaphore) -> None:
+    async def _chunk(self, chunk: list[Any]) -> None:
         work = await greenlet_spawn(self.unit.prepare, chunk)  # holds no connection
         if not work:
             self.unit.transact(None, chunk, work)
             return
-        async with transactions:
+        session = await self._sessions.get()
+        if session is None:
             session = self.database.task_session()
-            try:
-                await greenlet_spawn(self.unit.transact, session.sync_session, chunk, work)
-            finally:
-                await session.close()
+        session.info[OWNER_TASK] = asyncio.current_task()
+        try:
+            await greenlet_spawn(self.unit.transact, session.sync_session, chunk, work)
+        finally:
+            session.info[OWNER_TASK] = None
+            self._sessions.put_nowait(session)

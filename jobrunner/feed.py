@@ -108,8 +108,17 @@ class MemoryFeed:
         self.close(consumers)
 
     # -- the workers' side ---------------------------------------------------
-    def take(self, session: Any, limit: int) -> list[Entry] | None:
-        entry = self._items.get()
+    def take(self, session: Any, limit: int, *, wait: bool = True) -> list[Entry] | None:
+        """Up to ``limit`` entries; None at the end (or once the run stops).
+        ``wait=False``: ``[]`` rather than wait for the first (an event loop
+        asks so, and waits in a thread only when there is nothing yet)."""
+        if wait:
+            entry = self._items.get()
+        else:
+            try:
+                entry = self._items.get_nowait()
+            except queue.Empty:
+                return [] if not self.stop.is_set() else None
         if entry is _END or self.stop.is_set():
             return None
         chunk = [entry]

@@ -132,15 +132,18 @@ class Single:
             from jobrunner import aio
 
             assert r.async_database is not None
+            memory = feed
+            assert isinstance(memory, MemoryFeed), "an async run is fed in memory"
             return aio.Tasks(
                 loop=r.loop,
                 database=r.async_database,
                 workers=r.config.workers,
                 concurrency=r.config.concurrency,
                 batch_size=r.config.batch_size,
-                take=lambda session: feed.take(session, unit.chunk_size().size),
+                take=lambda session, wait=True: memory.take(session, unit.chunk_size().size, wait=wait),
                 unit=unit,
                 pause=lambda: not r.outage.active or r.outage.wait(),
+                paused=lambda: r.outage.active,
                 thread_name=self.thread_name(),
             )
         return Workers(

@@ -347,8 +347,8 @@ def process_batch(ctx, session, items):
 # Each item records its task and its session; prepare() awaits, and counts the
 # items in flight (prepare to commit) at its start.
 ASYNC_RECORD = '''
-"""An async job: every item says which task and which session did it."""
-import asyncio, uuid
+"""An async job: every item says which task and which session did it, and when."""
+import asyncio, time, uuid
 from sqlalchemy import text
 
 state = {"in_flight": 0}
@@ -356,7 +356,8 @@ state = {"in_flight": 0}
 async def setup(ctx, session):
     await session.execute(text(
         "CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL, task VARCHAR(40) NOT NULL, "
-        "sess VARCHAR(40) NOT NULL, peak INTEGER NOT NULL)"))
+        "sess VARCHAR(40) NOT NULL, peak INTEGER NOT NULL, t0 DOUBLE PRECISION NOT NULL, "
+        "t1 DOUBLE PRECISION NOT NULL)"))
 
 async def items(ctx, session):
     for i in range(int(ctx.params.get("n", 200))):
@@ -377,9 +378,11 @@ async def process(ctx, session, value):
         if str(item) in ctx.params.get("bad", "").split(","):
             raise ValueError(f"item {item} is bad")
         tag = session.info.setdefault("tag", uuid.uuid4().hex)
-        await session.execute(text("INSERT INTO effects VALUES (:i, :t, :s, :p)"),
-            {"i": item, "t": asyncio.current_task().get_name(), "s": tag, "p": peak})
+        t0 = time.monotonic()
         await asyncio.sleep(float(ctx.params.get("sleep", 0)))
+        await session.execute(text("INSERT INTO effects VALUES (:i, :t, :s, :p, :t0, :t1)"),
+            {"i": item, "t": asyncio.current_task().get_name(), "s": tag, "p": peak, "t0": t0,
+             "t1": time.monotonic()})
     finally:
         state["in_flight"] -= 1
 '''
