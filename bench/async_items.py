@@ -1,6 +1,7 @@
 """Async jobs against threaded ones: side by side, alternating, median of --runs.
 
     python bench/async_items.py --runs 3
+    python bench/async_items.py --runs 3 --items 5000 --sqlite   # aiosqlite against sqlite3
 
 On a durable PostgreSQL (fsync and synchronous_commit on) that it starts
 itself (tests/pgserver.py):
@@ -129,12 +130,60 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def sqlite_section(runs: int, n: int) -> None:
+    """What aiosqlite costs against sqlite3: per-item UPDATEs on a file, and
+    I/O-bound items (prepare waits 100 ms) where the async job's bounds pay."""
+    cases = {
+        "async (aiosqlite), per item, -w 4": ("bench_db_async", ["-w", "4"]),
+        "threads (sqlite3), per item, -w 4": ("bench_db", ["-w", "4"]),
+        "async (aiosqlite), prepare waits 100 ms, -c 1000 -w 4": (
+            "bench_io_async",
+            ["-w", "4", "-c", "1000"],
+        ),
+        "threads (sqlite3), prepare waits 100 ms, -w 32": ("bench_io", ["-w", "32"]),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    with tempfile.TemporaryDirectory() as folder:
+        url = f"sqlite:///{folder}/bench.db"
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+            conn.execute(
+                text(
+                    "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < :n) "
+                    "INSERT INTO bench_rows SELECT i, 0 FROM g"
+                ),
+                {"n": n},
+            )
+        engine.dispose()
+        for _ in range(runs):
+            for name, (job, args) in cases.items():
+                env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+                env["PYTHONPATH"] = str(HERE.parent)
+                command = [sys.executable, "-m", "jobrunner", "run", job, "--jobs-path", str(HERE / "jobs")]
+                command += ["--database-url", url, "--json", "--param", f"n={n}", *args]
+                out = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"{job}: exit {out.returncode}: {out.stderr[-2000:]}")
+                rates[name].append(json.loads(out.stdout)["items_per_second"])
+    print(f"SQLite (a file, WAL): {n:,} items; median of {runs}")
+    print()
+    print("| run | items/s |")
+    print("|---|---:|")
+    for name in cases:
+        print(f"| {name} | {median(rates[name]):,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--items", type=int, default=20000)
+    parser.add_argument("--sqlite", action="store_true", help="only the SQLite section")
     options = parser.parse_args()
     n = options.items
+    if options.sqlite:
+        sqlite_section(options.runs, n)
+        return
     server = PostgresServer(find_bindir(), durable=True)
     server.start()
     try:

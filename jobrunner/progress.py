@@ -21,6 +21,7 @@ class Progress:
         self._abandoned = False
         self.failures: list[ItemFailure] = []
         self.total: int | None = None
+        self.concurrency: int | None = None  # an async run's bound on items in flight
         self.first_item_at: float | None = None
         self.last_item_at: float | None = None
 

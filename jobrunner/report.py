@@ -274,9 +274,11 @@ class PlainReporter(BaseReporter):
         workers = 1 if self.config.dry_run else self.config.workers
         processes = self.config.processes if not self.config.dry_run else 1
         spread = f" in each of {processes} processes" if processes > 1 else ""
+        bound = getattr(progress, "concurrency", None)
+        tasks = f" (async, up to {bound} items in flight)" if bound and not self.config.dry_run else ""
         self._line(
             self.human,
-            f"{job}: started{mode}, {plural(workers, 'worker')}{spread}, "
+            f"{job}: started{mode}, {plural(workers, 'worker')}{tasks}{spread}, "
             f"{'items' + of if of else 'counting items as they come'}",
         )
         thread = threading.Thread(target=self._tick, name="jobrunner-progress", daemon=True)

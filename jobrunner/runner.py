@@ -274,6 +274,7 @@ class _Run:
                 self.database, self.config.database_url, self.config.workers, self.loop
             )
             self.job = aio.adapt(self.job, self.loop, self.app)
+            self.progress.concurrency = self.config.concurrency
             try:
                 yield
             finally:
