@@ -37,17 +37,8 @@ from sqlalchemy import create_engine, text
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from bad_items import fresh_rows  # noqa: E402
 from pgserver import PostgresServer, find_bindir  # noqa: E402
-
-
-def fresh_rows(url: str, count: int) -> None:
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS bench_rows"))
-        conn.execute(text("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
-        conn.execute(text(f"INSERT INTO bench_rows SELECT g, 0 FROM generate_series(1, {count}) g"))
-        conn.execute(text("VACUUM ANALYZE bench_rows"))
-    engine.dispose()
 
 
 class Connections:

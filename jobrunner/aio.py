@@ -39,6 +39,7 @@ from typing import Any
 from jobrunner import appcode
 from jobrunner import db as dbmod
 from jobrunner.exceptions import ConfigError, WorkerCrashed
+from jobrunner.executor import Producer
 
 ASYNC_EXTRA_HINT = "pip install 'jobrunner[async]'"
 BLOCKED_S = 1.0  # a loop stalled this long is said once
@@ -447,18 +448,15 @@ class Tasks:
         self.thread_name = thread_name
         self._taker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{thread_name}-take")
         self._done: concurrent.futures.Future[None] | None = None
-        self._producer: threading.Thread | None = None
+        self._producer = Producer(f"{thread_name}-items")
         self._error: BaseException | None = None
 
     def start(self, produce: Callable[[], None] | None = None) -> None:
         self._done = asyncio.run_coroutine_threadsafe(self._main(), self.loop.loop)
-        if produce is not None:
-            self._producer = threading.Thread(target=produce, name=f"{self.thread_name}-items", daemon=True)
-            self._producer.start()
+        self._producer.start(produce)
 
     def join_producer(self, timeout: float) -> None:
-        if self._producer is not None:
-            self._producer.join(timeout)
+        self._producer.join(timeout)
 
     def alive(self) -> bool:
         return self._done is not None and not self._done.done()

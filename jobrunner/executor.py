@@ -61,6 +61,25 @@ class Serial:
         return True
 
 
+class Producer:
+    """The thread that fills the feed from ``items()``. A daemon: a producer
+    blocked inside ``items()`` when the run stops must not keep the process
+    alive."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._thread: threading.Thread | None = None
+
+    def start(self, produce: Callable[[], None] | None) -> None:
+        if produce is not None:
+            self._thread = threading.Thread(target=produce, name=self.name, daemon=True)
+            self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
 class Workers(Generic[S]):
     """``workers`` threads, each looping: ``take(session)`` a chunk, ``work(session, chunk)``.
 
@@ -91,14 +110,10 @@ class Workers(Generic[S]):
         self.thread_scope = thread_scope  # entered for the whole life of each worker (APP_CONTEXT)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=thread_name)
         self._futures: list[Future[None]] = []
-        self._producer: threading.Thread | None = None
+        self._producer = Producer(f"{thread_name}-items")
 
     def start(self, produce: Callable[[], None] | None = None) -> None:
-        """Start the workers, and ``produce`` (which feeds them) in a thread of its own.
-
-        The producer thread is a daemon: a producer blocked inside ``items()``
-        when the run stops must not keep the process alive.
-        """
+        """Start the workers, and ``produce`` (which feeds them) in a thread of its own."""
         wanted, self._futures = self.count, []
         try:
             for _ in range(wanted):
@@ -112,13 +127,10 @@ class Workers(Generic[S]):
                 f"could start only {self.count} of {wanted} worker threads ({error}): use fewer workers"
             ) from error
         self._pool.shutdown(wait=False)  # threads end with their loops; nothing else is submitted
-        if produce is not None:
-            self._producer = threading.Thread(target=produce, name=f"{self.thread_name}-items", daemon=True)
-            self._producer.start()
+        self._producer.start(produce)
 
     def join_producer(self, timeout: float) -> None:
-        if self._producer is not None:
-            self._producer.join(timeout)
+        self._producer.join(timeout)
 
     def alive(self) -> bool:
         return not all(f.done() for f in self._futures)

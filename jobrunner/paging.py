@@ -49,9 +49,13 @@ def paged(session: Any, query: Select[Any], *, key: Any, size: int = 1000) -> An
     return _paged(session, query, key=key, size=size)
 
 
+def _pages(query: Select[Any], key: Any, size: int) -> tuple[int, Select[Any]]:
+    """(columns per row, the query for one page)."""
+    return len(query.selected_columns), query.add_columns(key).order_by(None).order_by(key).limit(size)
+
+
 def _paged(session: Session, query: Select[Any], *, key: Any, size: int) -> Iterator[Any]:
-    width = len(query.selected_columns)
-    page_query = query.add_columns(key).order_by(None).order_by(key).limit(size)
+    width, page_query = _pages(query, key, size)
     outage = session.info.get(OUTAGE_INFO)
     last: Any = None
     while True:
@@ -64,19 +68,15 @@ def _paged(session: Session, query: Select[Any], *, key: Any, size: int) -> Iter
             if outage is not None and classify(error) is Kind.GONE and outage.wait(error):
                 continue
             raise
-        if not rows:
-            return
-        for row in rows:
-            yield row[0] if width == 1 else tuple(row[:width])
-        last = rows[-1][width]
+        yield from (row[0] if width == 1 else tuple(row[:width]) for row in rows)
         if len(rows) < size:
             return
+        last = rows[-1][width]
 
 
 async def _paged_async(session: Any, query: Select[Any], *, key: Any, size: int) -> AsyncIterator[Any]:
     """:func:`paged` on an AsyncSession: the same pages, awaited."""
-    width = len(query.selected_columns)
-    page_query = query.add_columns(key).order_by(None).order_by(key).limit(size)
+    width, page_query = _pages(query, key, size)
     outage = session.info.get(OUTAGE_INFO)
     last: Any = None
     while True:
@@ -90,10 +90,8 @@ async def _paged_async(session: Any, query: Select[Any], *, key: Any, size: int)
             if gone and await asyncio.to_thread(outage.wait, error):
                 continue
             raise
-        if not rows:
-            return
         for row in rows:
             yield row[0] if width == 1 else tuple(row[:width])
-        last = rows[-1][width]
         if len(rows) < size:
             return
+        last = rows[-1][width]
