@@ -227,7 +227,7 @@ class AsyncDatabase:
         # The workers' transactions, the items reader and setup(): the pool
         # never grows with --concurrency.
         pool = {"pool_size": workers + 2, "max_overflow": 0, "pool_timeout": 60}
-        name = f"jobrunner {database.job}"[: dbmod.APP_NAME_MAX]
+        name = database.name[: dbmod.APP_NAME_MAX]
         if self.family == "sqlite":
             self.async_engine = create_async_engine(
                 url, connect_args={"timeout": dbmod.SQLITE_BUSY_TIMEOUT_S}, **pool

@@ -92,6 +92,7 @@ class Database:
     dialect: str
     job: str
     isolation: str
+    name: str  # the connections' application_name (program_name on MySQL)
     _extra_engines: list[Engine] = dataclasses.field(default_factory=list)
     _probe_engine: Engine | None = None
 
@@ -242,6 +243,10 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
         raise ConfigError(f"database URL {shown!r} is malformed: {redaction.redact(str(error))}") from None
     isolation = config.isolation or DEFAULT_ISOLATION.get(dialect, "serializable")
     pool_size = workers + EXTRA_CONNECTIONS
+    # A run without the lock names its connections apart: a run that takes the
+    # lock ends an earlier holder's open transactions (locking.end_earlier_writers),
+    # never those of a --no-lock run beside it.
+    name = f"jobrunner {job} no-lock" if config.no_lock else f"jobrunner {job}"
     try:
         if dialect == "sqlite":
             path = sqlite_path(url)
@@ -253,7 +258,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
                 url,
                 pool_size=pool_size,
                 max_overflow=0,
-                name=f"jobrunner {job}",
+                name=name,
                 isolation=SQL_ISOLATION[isolation],
             )
         else:
@@ -261,7 +266,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
                 url,
                 pool_size=pool_size,
                 max_overflow=0,
-                application_name=f"jobrunner {job}",
+                application_name=name,
                 isolation=SQL_ISOLATION[isolation],
             )
     except (ImportError, exc.NoSuchModuleError) as error:
@@ -270,7 +275,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
 
     factory = sessionmaker(bind=engine, class_=ItemSession)
     event.listen(factory, "after_begin", _check_owner)
-    database = Database(url, engine, factory, dialect, job, isolation)
+    database = Database(url, engine, factory, dialect, job, isolation, name)
     try:
         with engine.connect() as conn:
             if dialect == "postgresql" and create:

@@ -615,6 +615,63 @@ class RunFence:
         return verdict
 
 
+# Backends of this job's runs with a write transaction open (an xid), other
+# than the asking one. Holding the lock, such a transaction is an earlier
+# holder's: the lock's own connection is named "... lock", a --no-lock run's
+# "... no-lock", and this run has started no worker yet.
+EARLIER_WRITERS = text(
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = :name "
+    "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL"
+)
+GONE_WAIT_S = 5.0
+
+
+def end_earlier_writers(database: dbmod.Database, job: str, notice: Callable[[str], None]) -> int:
+    """Just after taking the job's lock on PostgreSQL: end the write
+    transactions an earlier holder left open, before this run reads what
+    was committed.
+
+    A holder whose lock was lost while it was frozen (SIGSTOP, a paused VM)
+    may have been told "commit" just before, and send its COMMIT when it
+    wakes, after this run has done the same item: the fence cannot see a
+    freeze between its answer and the COMMIT; the database can end the
+    transaction first. A COMMIT on an ended connection fails, the earlier
+    run settles it as not committed, and its fence says it has lost the lock.
+    Returns how many were ended; one that cannot be (another role's, without
+    the privilege) is said, and left."""
+    name = f"jobrunner {job}"[: dbmod.APP_NAME_MAX]
+    ended: list[int] = []
+    with database.bookkeeping() as session:
+        pids = list(session.execute(EARLIER_WRITERS, {"name": name}).scalars())
+        session.rollback()
+        for pid in pids:
+            try:
+                if session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}):
+                    ended.append(pid)
+                session.rollback()
+            except exc.DBAPIError as error:
+                session.rollback()
+                notice(
+                    f"an earlier run of {job} still has a transaction open (backend {pid}) that this "
+                    f"run cannot end ({dbmod.describe_error(error)}): if that run wakes, it may commit"
+                )
+        deadline = time.monotonic() + GONE_WAIT_S
+        while ended and time.monotonic() < deadline:
+            alive = session.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"), {"pids": ended}
+            )
+            session.rollback()
+            if not alive:
+                break
+            time.sleep(POLL_INTERVAL_S)
+    if ended:
+        notice(
+            f"ended {len(ended)} transaction(s) that an earlier run of {job} had left open: they are "
+            "rolled back, and their items are this run's to do"
+        )
+    return len(ended)
+
+
 def read_holder(database: dbmod.Database, job: str) -> dict[str, Any]:
     """Who last took the job's lock: host, pid, since (local time)."""
     try:

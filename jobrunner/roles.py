@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from jobrunner import distributed, dryrun, history
+from jobrunner import distributed, dryrun, history, locking
 from jobrunner.exceptions import first_line
 from jobrunner.executor import Executor, Serial, Workers
 from jobrunner.feed import Feed, MemoryFeed
@@ -92,6 +92,7 @@ class Single:
             # Any run that takes the lock, distributed or not: a helper of an
             # earlier run that can still commit must be gone first.
             distributed.Leader.refuse_if_helpers_remain(r.database, r.job.name)
+            locking.end_earlier_writers(r.database, r.job.name, r.reporter.notice)
         lock = r.guard.mode if isinstance(r.guard, Guard) else "none"
         resumable = r.job.item_key is not None
         r.opening = history.open_run(

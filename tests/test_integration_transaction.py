@@ -129,3 +129,65 @@ def test_a_lost_commit_reply_nobody_can_look_up_fails_the_item_rather_than_redo_
     [(item, error)] = failures
     assert item == 7 and type(error).__name__ == "CommitInDoubt"
     assert snap["succeeded"] == 0
+
+
+class LostAfterFirstAnswer:
+    """A fence that said "commit" once, and then learned that the lock is lost."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def epoch(self) -> int:
+        return 0
+
+    def verdict(self, epoch: int, *, wait: bool = True):
+        from jobrunner.attempt import Verdict
+
+        self.asked += 1
+        return Verdict.COMMIT if self.asked == 1 else Verdict.ABANDON
+
+
+@pytest.mark.postgres
+def test_a_commit_sent_after_another_run_took_the_lock_does_not_land(pg_url, tmp_path):
+    """Run A's fence said "commit", and A froze before its COMMIT went out;
+    meanwhile run B took the lock. B ends the transactions A left open before
+    it reads what was committed, so A's late COMMIT fails, A settles the item
+    as not committed, and its fence stops it: the item is B's alone."""
+    from jobrunner import locking
+
+    a, b = open_db(pg_url, tmp_path), open_db(pg_url, tmp_path)
+    notices: list[str] = []
+    try:
+        with a.session() as setup:
+            setup.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL)"))
+            setup.commit()
+        recorder = history.RunRecorder(a, "job", notice=lambda _text: None)
+        run_id = recorder.start(dry_run=False, workers=1, batch_size=1, lock="row", resumed_from=None)
+
+        def process(ctx, session, item):
+            session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+
+        stop, progress, failures = Stop(), Progress(), []
+        unit = Unit(
+            job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
+            ctx=None,
+            feed=MemoryFeed(1, stop.event),
+            fence=LostAfterFirstAnswer(),
+            outage=Outage(a.probe, 10),
+            stop=stop,
+            progress=progress,
+            retries=3,
+            keys=history.KeyRecorder(run_id, str),
+            on_failure=lambda item, token, error, settled: failures.append((item, error)),
+            # between A's verdict and its COMMIT: B takes the lock and opens its run
+            before_commit=lambda _session: locking.end_earlier_writers(b, "job", notices.append),
+        )
+        with a.session() as session:
+            unit(session, [(7, None)])
+    finally:
+        a.dispose()
+        b.dispose()
+    assert effects(pg_url) == [], "a COMMIT sent after the takeover landed"
+    assert failures == []
+    assert progress.snapshot()["succeeded"] == 0
+    assert notices and "ended 1 transaction(s)" in notices[-1]
