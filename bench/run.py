@@ -4,7 +4,10 @@
     python bench/run.py --only batches,isolation       # some sections; the others keep their saved results
     python bench/run.py --quick                        # fewer runs and items: a smoke test
 
-bench/bad_items.py measures what bad items cost a chunked run, on its own.
+bench/bad_items.py measures what bad items cost a chunked run, and
+bench/async_items.py async jobs against threaded ones, each on its own: their
+sections of BENCHMARKS.md are written by hand from what they print, and
+carry a KEPT marker so that this script keeps them when it rewrites the file.
 
 Each timing is the median of --runs runs (5 by default); contenders in a
 comparison are measured in the same run, alternating.
@@ -15,10 +18,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import os
 import platform
 import pstats
+import re
 import shutil
 import signal
 import statistics
@@ -1241,7 +1246,23 @@ docstring with `ast` instead of importing the module.
 - Section 1 measures whole processes, start-up included (about 0.1-0.2 s of each run): the
   lock, the schema check and the history row are fixed costs that 20,000 items dilute.
 """
+    text_ = text_.replace(
+        "## What limits these numbers", kept_sections(path) + "## What limits these numbers", 1
+    )
     path.write_text(text_)
+
+
+KEPT = "<!-- kept by bench/run.py -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The sections of the file as it is that other scripts measured (marked KEPT)."""
+    if not path.exists():
+        return ""
+    text_ = path.read_text()
+    starts = [m.start() for m in re.finditer(r"^## ", text_, flags=re.MULTILINE)] + [len(text_)]
+    parts = [text_[a:b] for a, b in itertools.pairwise(starts)]
+    return "".join(part.rstrip() + "\n\n" for part in parts if KEPT in part)
 
 
 def _mariadb_version() -> str:
