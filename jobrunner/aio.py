@@ -394,7 +394,10 @@ class _Pulled(Iterator[Any]):
         if not self.buffer:
             if self.ended:
                 raise StopIteration
-            self.buffer, self.ended = self.loop.await_(self.scope(self._pull()))
+            try:
+                self.buffer, self.ended = self.loop.await_(self.scope(self._pull()))
+            except concurrent.futures.CancelledError:
+                raise StopIteration from None  # the loop is closing: the run has stopped feeding
             self.buffer.reverse()
             if not self.buffer:
                 raise StopIteration
