@@ -153,6 +153,10 @@ def _check_async(config: Config, app: Any) -> None:
         app.check(config.database_url)
 
 
+def _call(function: Any, *args: Any) -> Any:
+    return function(*args)
+
+
 def help_run(
     config: Config, job: jobs.Job, database: dbmod.Database, reporter: Reporter, run_id: int
 ) -> tuple[RunResult, bool]:
@@ -354,7 +358,9 @@ class _Run:
             except Exception as error:  # noqa: BLE001 - the job's own code
                 if self.changes is not None:
                     self.changes.discard()
-                if classify(error) is Kind.GONE and self.outage.wait(error):
+                # (On an async job's loop, waited in a thread: the loop is not blocked.)
+                wait = self.loop.blocking if self.loop is not None else _call
+                if classify(error) is Kind.GONE and wait(self.outage.wait, error):
                     continue
                 self._failed("setup()", error)
                 return False
