@@ -441,6 +441,7 @@ class Tasks:
         unit: Any,
         pause: Callable[[], bool] | None = None,
         paused: Callable[[], bool] = lambda: False,
+        claims: bool = False,
         thread_name: str = "jobrunner-tasks",
     ) -> None:
         self.loop, self.database, self.unit = loop, database, unit
@@ -448,6 +449,9 @@ class Tasks:
         self.chunks_in_flight = max(1, concurrency // max(1, batch_size))
         self.take, self.pause = take, pause
         self.paused = paused  # True while pause() would wait (an outage): ask it in the taker thread
+        # A distributed run's feed claims a chunk inside the chunk's own
+        # transaction: then each of ``workers`` tasks takes on its session.
+        self.claims = claims
         self.thread_name = thread_name
         self._taker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{thread_name}-take")
         self._done: concurrent.futures.Future[None] | None = None
@@ -493,6 +497,9 @@ class Tasks:
         return await loop.run_in_executor(self._taker, self._next)
 
     async def _main(self) -> None:
+        if self.claims:
+            await self._claiming()
+            return
         lanes = asyncio.Semaphore(self.chunks_in_flight)
         # A worker's session, as a worker thread keeps one: W of them, each
         # used by one task at a time (the task that holds it), never two.
@@ -526,6 +533,31 @@ class Tasks:
                     await session.close()
         if self._error is not None:
             raise self._error
+
+    async def _claiming(self) -> None:
+        """A distributed run: ``workers`` tasks, each looping as a worker
+        thread does (claim a chunk in its session's transaction, then its
+        items), so that a claim commits or rolls back with its chunk. Items in
+        flight are then at most ``workers`` chunks, each holding its
+        connection from its claim to its commit."""
+        tasks = [asyncio.create_task(self._claimer()) for _ in range(self.workers)]
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [result for result in done if isinstance(result, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _claimer(self) -> None:
+        session = self.database.task_session()
+        try:
+            while True:
+                if self.paused() and self.pause is not None and not await asyncio.to_thread(self.pause):
+                    return
+                chunk = await greenlet_spawn(self.take, session.sync_session)
+                if chunk is None:
+                    return
+                await greenlet_spawn(self.unit, session.sync_session, chunk)
+        finally:
+            await session.close()
 
     async def _chunk(self, chunk: list[Any]) -> None:
         work = await greenlet_spawn(self.unit.prepare, chunk)  # holds no connection

@@ -133,18 +133,27 @@ class Single:
             from jobrunner import aio
 
             assert r.async_database is not None
-            memory = feed
-            assert isinstance(memory, MemoryFeed), "an async run is fed in memory"
+            if isinstance(feed, MemoryFeed):
+                memory = feed
+                take: Any = lambda session, wait=True: memory.take(  # noqa: E731
+                    session, unit.chunk_size().size, wait=wait
+                )
+            else:  # the work table: claims wait off the loop
+                take = lambda session: feed.take(session, unit.chunk_size().size)  # noqa: E731
+                feed.blocking = r.loop.blocking  # type: ignore[attr-defined]
+            if isinstance(feed, MemoryFeed):
+                r.progress.concurrency = r.config.concurrency  # for the start line
             return aio.Tasks(
                 loop=r.loop,
                 database=r.async_database,
                 workers=r.config.workers,
                 concurrency=r.config.concurrency,
                 batch_size=r.config.batch_size,
-                take=lambda session, wait=True: memory.take(session, unit.chunk_size().size, wait=wait),
+                take=take,
                 unit=unit,
                 pause=lambda: not r.outage.active or r.outage.wait(),
                 paused=lambda: r.outage.active,
+                claims=not isinstance(feed, MemoryFeed),
                 thread_name=self.thread_name(),
             )
         return Workers(

@@ -134,7 +134,7 @@ def run(config: Config, reporter: Reporter | None = None) -> RunResult:
 
 
 def _check_async(config: Config, app: Any) -> None:
-    """An async job: what it needs installed, and what it cannot do yet."""
+    """An async job: what it needs installed, and what its registry must be."""
     from jobrunner import aio
 
     try:
@@ -142,8 +142,6 @@ def _check_async(config: Config, app: Any) -> None:
     except Exception:  # noqa: BLE001 - a malformed URL is said where the database is opened
         family = ""
     aio.require(family)
-    if config.distributed:
-        raise ConfigError("an async job runs in one process for now: --processes and --join do not apply")
     if app is not None:
         if app.registry is not None and not app.is_async:
             raise ConfigError(
@@ -278,7 +276,6 @@ class _Run:
                 self.database, self.config.database_url, self.config.workers, self.loop
             )
             self.job = aio.adapt(self.job, self.loop, self.app)
-            self.progress.concurrency = self.config.concurrency
             try:
                 yield
             finally:

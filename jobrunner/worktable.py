@@ -135,6 +135,10 @@ RECLAIM = (
 )
 
 
+def _call(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
+
+
 def retry_gone(outage: Outage, action: Callable[[], Any]) -> Any:
     """Run a bookkeeping ``action``, waiting out an outage (within the bound)."""
     while True:
@@ -170,6 +174,9 @@ class WorkTableFeed:
         self._mark_fed_all = fed_all
         self._lanes = threading.local()
         self._all_fed = False  # once True, for good: no need to ask again
+        # How take() waits (for rows, for the database): in this thread, or,
+        # from an async run's loop, in a thread while the loop runs on.
+        self.blocking: Callable[..., Any] = _call
 
     # -- the leader's side
     def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
@@ -200,7 +207,7 @@ class WorkTableFeed:
                 if kind is Kind.TRANSIENT:
                     continue  # two claims raced for the same rows: claim again
                 if kind is Kind.GONE:
-                    if self.outage.wait(error):
+                    if self.blocking(self.outage.wait, error):
                         continue
                     return None
                 raise
@@ -208,9 +215,9 @@ class WorkTableFeed:
                 # The chunk's transaction is open: the unit of work carries on in it.
                 return [(decode(item), seq) for seq, item in sorted(rows)]
             session.rollback()
-            if self._gone_or(self._finished, gone=True):
+            if self.blocking(self._gone_or, self._finished, True):
                 return None
-            self.stop.wait(POLL_S)
+            self.blocking(self.stop.wait, POLL_S)
         return None
 
     def _claim(self, session: Session, limit: int) -> list[Any]:
@@ -298,7 +305,7 @@ class WorkTableFeed:
         # the run ends with 69, and a resume takes the item over.
         return self._gone_or(settle, gone=False)
 
-    def _gone_or(self, action: Callable[[], bool], *, gone: bool) -> bool:
+    def _gone_or(self, action: Callable[[], bool], gone: bool) -> bool:
         """``action()``, waiting out an outage; ``gone`` once the database
         stayed away past the bound (the run is ending with 69)."""
         try:

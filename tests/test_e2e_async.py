@@ -213,11 +213,33 @@ def test_a_job_that_blocks_the_event_loop_is_told_once(cli, write_job, sqlite_ur
     assert "process()" in lines[0] and "apairs.py" in lines[0]
 
 
-def test_an_async_job_cannot_run_distributed_yet(cli, write_job, sqlite_url):
-    write_job("apairs", ASYNC_PAIRS)
-    out = cli("run", "apairs", "--database-url", sqlite_url, "--processes", "2")
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "async job" in out.stderr
+@pytest.mark.postgres
+def test_a_distributed_async_run_does_each_item_once_over_processes(cli, write_job, pg_url):
+    write_job("arecord", ASYNC_RECORD)
+    out = cli(
+        "run", "arecord", "--database-url", pg_url, "-P", "2", "-b", "5", "--param", "n=600",
+        "--param", "bad=17", "--param", "sleep=0.002", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"], summary["processes"]) == (599, 1, 2)
+    assert_each_once(pg_url, 600, missing=frozenset({17}))
+
+
+@pytest.mark.postgres
+def test_an_async_join_helper_killed_mid_run_gives_its_items_back(spawn, write_job, pg_url):
+    write_job("apaged", ASYNC_PAGED)
+    args = ("run", "apaged", "--database-url", pg_url, "--join", "-b", "10", "--param", "n=1500")
+    leader = spawn(*args, "--param", "sleep=0.004", "--json")
+    wait_for_rows(pg_url, "effects", minimum=20)
+    helper = spawn(*args, "--param", "sleep=0.004")
+    time.sleep(1.5)
+    helper.send_signal(signal.SIGKILL)
+    finish(helper)
+    code, out, err = finish(leader)
+    assert code == 0, err
+    assert json.loads(out)["succeeded"] == 1500
+    assert sorted(i for (i,) in query(pg_url, "SELECT item FROM effects")) == list(range(1500))
 
 
 def test_a_job_mixing_async_and_plain_hooks_is_refused(cli, write_job, sqlite_url):
