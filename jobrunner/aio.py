@@ -263,8 +263,14 @@ class AsyncDatabase:
         return _SyncSide(self.loop, self.task_session())
 
     def reader(self) -> _SyncSide:
-        """For items() and count(): used by the feeding thread through the loop."""
-        return _SyncSide(self.loop, self.task_session())
+        """For items() and count(), used by the feeding thread through the loop:
+        as ``db.Database.reader``, READ COMMITTED on a server and a deferred
+        BEGIN on SQLite, so that reading never holds the writers back."""
+        if self.is_sqlite:
+            bind = self.async_engine.execution_options(**{dbmod.BEGIN_OPTION: "DEFERRED"})
+        else:
+            bind = self.async_engine.execution_options(isolation_level=dbmod.BOOKKEEPING)
+        return _SyncSide(self.loop, self.task_session(bind=bind))
 
     def dispose(self) -> None:
         self.loop.run(self.async_engine.dispose())

@@ -208,6 +208,7 @@ def test_a_job_that_blocks_the_event_loop_is_told_once(cli, write_job, sqlite_ur
         "--param", "block=3",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert "items of 20" in out.stdout + out.stderr  # the async count(), awaited on its session
     lines = [line for line in out.stderr.splitlines() if "event loop" in line]
     assert len(lines) == 1, out.stderr
     assert "process()" in lines[0] and "apairs.py" in lines[0]
