@@ -58,3 +58,14 @@ def intervals(url: str) -> dict[int, tuple[float, float]]:
 def assert_whole_items(url: str) -> None:
     broken = query(url, "SELECT pid, item, count(*) FROM pairs GROUP BY pid, item HAVING count(*) <> 2")
     assert broken == [], f"half-committed items: {broken}"
+
+
+def kill_lock_connection(url: str, job: str) -> list[tuple]:
+    """End the backend that holds ``job``'s lock on PostgreSQL, as a network
+    cut or an administrator would: [(True,)] when there was one."""
+    database = url.rsplit("/", 1)[1]
+    return query(
+        url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE application_name = 'jobrunner {job} lock' AND datname = '{database}'",
+    )

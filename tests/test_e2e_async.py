@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from helpers import assert_whole_items, finish, query, wait_for_rows
+from helpers import assert_whole_items, finish, kill_lock_connection, query, wait_for_rows
 from jobkit import ASYNC_PAGED, ASYNC_PAIRS, ASYNC_RECORD
 
 
@@ -152,12 +152,7 @@ def test_async_items_in_flight_when_the_lock_connection_dies_do_not_commit(spawn
     wait_for_rows(pg_url, "jobrunner_runs")
     time.sleep(1.0)  # the first four items are half-way through
     killed_at = time.time()
-    database = pg_url.rsplit("/", 1)[1]
-    killed = query(
-        pg_url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'jobrunner apairs lock' AND datname = '{database}'",
-    )
+    killed = kill_lock_connection(pg_url, "apairs")
     assert killed == [(True,)]
     code, _, err = finish(run, timeout=60)
     assert code == 0, err

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from helpers import finish, query, wait_for_rows
+from helpers import finish, kill_lock_connection, query, wait_for_rows
 from jobkit import BATCH, SET_BASED
 
 
@@ -191,12 +191,7 @@ def test_no_chunk_begun_before_a_lost_lock_commits(spawn, write_job, pg_url):
     wait_for_rows(pg_url, "jobrunner_runs")
     time.sleep(1.0)  # two chunks in flight, each about 2 s long
     killed_at = time.time()
-    database = pg_url.rsplit("/", 1)[1]
-    query(
-        pg_url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'jobrunner batch lock' AND datname = '{database}'",
-    )
+    kill_lock_connection(pg_url, "batch")
     code, _out, err = finish(proc, timeout=120)
     assert code == 0, err
     stale = query(pg_url, f"SELECT count(*) FROM batch_rows WHERE t0 < {killed_at} AND t1 > {killed_at}")

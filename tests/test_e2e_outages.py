@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import assert_whole_items, execute, finish, query, wait_for_rows
+from helpers import assert_whole_items, execute, finish, kill_lock_connection, query, wait_for_rows
 from jobkit import PAGED, TWO_ROWS
 from sqlalchemy import create_engine, text
 
@@ -160,12 +160,7 @@ def test_items_in_flight_when_the_lock_is_lost_never_commit(spawn, write_job, pg
     time.sleep(1.0)  # the first four items are half-way through
     [(since,)] = query(pg_url, "SELECT since FROM jobrunner_lock_holders WHERE job = 'two_rows'")
     killed_at = time.time()
-    database = pg_url.rsplit("/", 1)[1]
-    killed = query(
-        pg_url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'jobrunner two_rows lock' AND datname = '{database}'",
-    )
+    killed = kill_lock_connection(pg_url, "two_rows")
     assert killed == [(True,)]
     code, _, err = finish(run, timeout=60)
     assert code == 0, err
@@ -200,12 +195,7 @@ def test_a_frozen_run_whose_lock_was_taken_meanwhile_commits_nothing(cli, spawn,
     wait_for_rows(pg_url, "effects", minimum=8)
     a.send_signal(signal.SIGSTOP)
     try:
-        database = pg_url.rsplit("/", 1)[1]
-        query(
-            pg_url,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE application_name = 'jobrunner paged lock' AND datname = '{database}'",
-        )
+        kill_lock_connection(pg_url, "paged")
         b = cli("run", "paged", "--database-url", pg_url, "--param", "sleep=0", "--resume", "--json")
         assert b.returncode == 0, b.stderr
         assert "marked 1 earlier run(s) of paged as crashed" in b.stderr
