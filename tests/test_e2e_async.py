@@ -118,17 +118,27 @@ def test_an_async_dry_run_changes_nothing_and_reports_what_it_would(cli, write_j
 
 
 @pytest.mark.postgres
-def test_async_items_from_paged_sigkill_then_resume_does_each_item_once(cli, spawn, write_job, pg_url):
+def test_async_items_from_paged_sigkill_then_resume_does_each_item_once(
+    cli, spawn, write_job, pg_url, tmp_path
+):
+    """And history and the metrics file count what the killed run committed."""
     write_job("apaged", ASYNC_PAGED)
-    run = spawn("run", "apaged", "--database-url", pg_url, "--param", "n=400", "--param", "sleep=0.05")
+    args = ("run", "apaged", "--database-url", pg_url, "--metrics-file", "m.prom")
+    run = spawn(*args, "--param", "n=400", "--param", "sleep=0.05")
     wait_for_rows(pg_url, "effects", minimum=40)
     run.send_signal(signal.SIGKILL)
     finish(run)
-    out = cli("run", "apaged", "--database-url", pg_url, "--param", "sleep=0", "--resume", "--json")
+    [(committed,)] = query(pg_url, "SELECT count(*) FROM effects")
+    out = cli(*args, "--param", "sleep=0", "--resume", "--json")
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["skipped"] >= 40 and summary["succeeded"] + summary["skipped"] == 400
+    assert summary["skipped"] == committed and summary["succeeded"] + summary["skipped"] == 400
     assert sorted(i for (i,) in query(pg_url, "SELECT item FROM effects")) == list(range(400))
+    runs = json.loads(cli("history", "--database-url", pg_url, "--json").stdout)
+    [killed] = [r for r in runs if r["id"] == 1]
+    assert killed["status"] == "crashed" and killed["succeeded"] == committed
+    text = (tmp_path / "m.prom").read_text()
+    assert 'jobrunner_items_total{job="apaged",outcome="succeeded"} 400' in text, text
 
 
 def test_a_second_copy_of_an_async_job_exits_75(cli, spawn, write_job, db_url):
