@@ -428,9 +428,11 @@ class Tasks:
     transaction, and no other task uses that session until it is done (as a
     worker thread keeps one Session for the whole run).
 
-    One consumer of the feed (``count``): a dispatcher takes chunks in a
-    thread of its own (the feed's take may wait) and starts a task per
-    chunk. ``pause()`` is asked before each take, as by a worker thread.
+    One consumer of the feed (``count``): a dispatcher takes a chunk at once
+    when the feed has one, waits for one in a thread of its own otherwise,
+    and starts a task per chunk. ``pause()`` is asked before each take, as
+    by a worker thread. A distributed run's feed is claimed from instead
+    (``claims``): see :meth:`_claiming`.
     """
 
     count = 1
