@@ -24,6 +24,13 @@ from jobrunner.exceptions import WorkerCrashed
 S = TypeVar("S")
 
 
+def in_this_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """How a wait is waited (a backoff, an outage, the work table's poll) in
+    a worker thread: right here. An async run's loop waits in a thread of
+    its own instead (``aio.EventLoop.blocking``), and is handed that."""
+    return function(*args)
+
+
 class Executor(Protocol):
     """What the run needs of its executor: threads (:class:`Workers`), or none (:class:`Serial`)."""
 

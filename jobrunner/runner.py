@@ -39,7 +39,7 @@ from jobrunner.exceptions import (
     WorkerCrashed,
     error_line,
 )
-from jobrunner.executor import Executor
+from jobrunner.executor import Executor, in_this_thread
 from jobrunner.feed import Feed, ItemFilter, MemoryFeed
 from jobrunner.locking import RunFence, _Heartbeat
 from jobrunner.outage import Kind, Outage, classify
@@ -149,10 +149,6 @@ def _check_async(config: Config, app: Any) -> None:
                 "(scopefunc=asyncio.current_task)"
             )
         app.check(config.database_url)
-
-
-def _call(function: Any, *args: Any) -> Any:
-    return function(*args)
 
 
 def help_run(
@@ -356,7 +352,7 @@ class _Run:
                 if self.changes is not None:
                     self.changes.discard()
                 # (On an async job's loop, waited in a thread: the loop is not blocked.)
-                wait = self.loop.blocking if self.loop is not None else _call
+                wait = self.loop.blocking if self.loop is not None else in_this_thread
                 if classify(error) is Kind.GONE and wait(self.outage.wait, error):
                     continue
                 self._failed("setup()", error)

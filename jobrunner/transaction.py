@@ -31,6 +31,7 @@ from jobrunner import attempt
 from jobrunner.attempt import ChunkSize, Do, Verdict
 from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, job_code
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
+from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
 from jobrunner.outage import Kind, Outage, backoff, classify
 from jobrunner.progress import Progress
@@ -137,7 +138,7 @@ class Unit:
         self._one_size = ChunkSize(batch_size, adapt=adapt) if one_chunk_size else None
         # How to wait (a backoff, an outage, a fence in doubt): in this thread,
         # or, on an event loop, in a thread of its own while the loop runs on.
-        self.blocking: Callable[..., Any] = blocking or _call
+        self.blocking: Callable[..., Any] = blocking or in_this_thread
         # Resume keys settle a commit in doubt already; else the database may.
         self.commit_check = commit_check if keys is None else None
 
@@ -475,10 +476,6 @@ def _failure(entry: Any, error: BaseException) -> tuple[Any, Any, str, str]:
     """(token, item, its repr, the error's line): a failure as the feed records it."""
     item, token, _ = entry
     return token, item, safe_repr(item), error_line(error)
-
-
-def _call(function: Callable[..., Any], *args: Any) -> Any:
-    return function(*args)
 
 
 def _rollback(session: Session) -> None:

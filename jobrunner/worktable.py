@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from jobrunner import tables
 from jobrunner.db import Database
 from jobrunner.exceptions import DatabaseUnavailable, ItemNotPortable, first_line
+from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry
 from jobrunner.outage import Kind, Outage, classify
 from jobrunner.result import Status
@@ -135,10 +136,6 @@ RECLAIM = (
 )
 
 
-def _call(function: Callable[..., Any], *args: Any) -> Any:
-    return function(*args)
-
-
 def retry_gone(outage: Outage, action: Callable[[], Any]) -> Any:
     """Run a bookkeeping ``action``, waiting out an outage (within the bound)."""
     while True:
@@ -176,7 +173,7 @@ class WorkTableFeed:
         self._all_fed = False  # once True, for good: no need to ask again
         # How take() waits (for rows, for the database): in this thread, or,
         # from an async run's loop, in a thread while the loop runs on.
-        self.blocking: Callable[..., Any] = _call
+        self.blocking: Callable[..., Any] = in_this_thread
 
     # -- the leader's side
     def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
