@@ -203,6 +203,14 @@ class Database:
                 engine.dispose()
 
 
+def connection_name(job: str, *, no_lock: bool = False) -> str:
+    """The application_name (MySQL: program_name) of a run's connections. A
+    run without the lock names them apart: a run that takes the lock ends an
+    earlier holder's open transactions (locking.end_earlier_writers), never
+    those of a --no-lock run beside it."""
+    return f"jobrunner {job} no-lock" if no_lock else f"jobrunner {job}"
+
+
 # One --database-url serves both kinds of job: jobrunner's own work and sync
 # jobs take the sync driver, async jobs the async one, whichever the URL names.
 SYNC_DRIVERS = {"postgresql": "postgresql+psycopg2", "sqlite": "sqlite", "mysql": "mysql+pymysql"}
@@ -243,10 +251,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
         raise ConfigError(f"database URL {shown!r} is malformed: {redaction.redact(str(error))}") from None
     isolation = config.isolation or DEFAULT_ISOLATION.get(dialect, "serializable")
     pool_size = workers + EXTRA_CONNECTIONS
-    # A run without the lock names its connections apart: a run that takes the
-    # lock ends an earlier holder's open transactions (locking.end_earlier_writers),
-    # never those of a --no-lock run beside it.
-    name = f"jobrunner {job} no-lock" if config.no_lock else f"jobrunner {job}"
+    name = connection_name(job, no_lock=config.no_lock)
     try:
         if dialect == "sqlite":
             path = sqlite_path(url)
@@ -575,10 +580,8 @@ def mysql_events(engine: Engine, *, guard: bool = False) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"SET SESSION wait_timeout = {MYSQL_IDLE_S}, interactive_timeout = {MYSQL_IDLE_S}")
-        if guard:
-            cursor.execute("SELECT VERSION()")
-            if "mariadb" in str(cursor.fetchone()[0]).lower():
-                cursor.execute(MARIADB_GUARD)
+        if guard and "mariadb" in dbapi_connection.get_server_info().lower():
+            cursor.execute(MARIADB_GUARD)
         cursor.close()
 
 

@@ -639,7 +639,7 @@ def end_earlier_writers(database: dbmod.Database, job: str, notice: Callable[[st
     run settles it as not committed, and its fence says it has lost the lock.
     Returns how many were ended; one that cannot be (another role's, without
     the privilege) is said, and left."""
-    name = f"jobrunner {job}"[: dbmod.APP_NAME_MAX]
+    name = dbmod.connection_name(job)[: dbmod.APP_NAME_MAX]
     ended: list[int] = []
     with database.bookkeeping() as session:
         pids = list(session.execute(EARLIER_WRITERS, {"name": name}).scalars())
