@@ -375,7 +375,7 @@ async def _bound(app: appcode.AppCode | None, session: Any, awaitable: Any) -> A
     if app is None:
         return await awaitable
     with contextlib.ExitStack() as scope:
-        scope.enter_context(app.thread())
+        scope.enter_context(app.task())
         if session is not None:
             scope.enter_context(app.hook(session))
         return await awaitable
@@ -450,6 +450,7 @@ class Tasks:
         pause: Callable[[], bool] | None = None,
         paused: Callable[[], bool] = lambda: False,
         claims: bool = False,
+        task_scope: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         thread_name: str = "jobrunner-tasks",
     ) -> None:
         self.loop, self.database, self.unit = loop, database, unit
@@ -460,6 +461,7 @@ class Tasks:
         # A distributed run's feed claims a chunk inside the chunk's own
         # transaction: then each of ``workers`` tasks takes on its session.
         self.claims = claims
+        self.task_scope = task_scope  # entered for the life of each task that runs job code (APP_CONTEXT)
         self.thread_name = thread_name
         self._taker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{thread_name}-take")
         self._done: concurrent.futures.Future[None] | None = None
@@ -555,6 +557,10 @@ class Tasks:
             raise errors[0]
 
     async def _claimer(self) -> None:
+        with self.task_scope():
+            await self._claim_all()
+
+    async def _claim_all(self) -> None:
         session = self.database.task_session()
         try:
             while True:
@@ -568,6 +574,10 @@ class Tasks:
             await session.close()
 
     async def _chunk(self, chunk: list[Any]) -> None:
+        with self.task_scope():
+            await self._prepare_and_transact(chunk)
+
+    async def _prepare_and_transact(self, chunk: list[Any]) -> None:
         work = await greenlet_spawn(self.unit.prepare, chunk)  # holds no connection
         if not work:
             self.unit.transact(None, chunk, work)

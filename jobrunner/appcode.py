@@ -10,8 +10,10 @@ session, in every thread; between hooks and after the run it holds nothing
 of jobrunner's. ``APP_CONTEXT = <a callable returning a context manager>``
 (Flask: ``app.app_context``) is entered once in each thread that runs job
 code, for as long as it runs it. An async job's registry is an
-``async_scoped_session`` scoped to the task: it is bound, and APP_CONTEXT
-entered, inside the task that runs each hook (see ``aio.adapt``).
+``async_scoped_session`` scoped to the task: it is bound inside the task that
+runs each hook (see ``aio.adapt``), and APP_CONTEXT is entered once in each
+task that runs job code (a chunk's task, or a distributed run's claimer for
+its whole life; see ``aio.Tasks``).
 
 The session is jobrunner's item session (``db.ItemSession``), so a service's
 ``Session.commit()`` does not end the item's transaction, and its
@@ -92,6 +94,20 @@ class AppCode:
             yield
 
     @contextlib.contextmanager
+    def task(self) -> Iterator[None]:
+        """The application's context, for an asyncio task that runs job code:
+        entered once, however many hooks the task awaits inside it."""
+        if self.app_context is None or _IN_APP_CONTEXT.get():
+            yield
+            return
+        token = _IN_APP_CONTEXT.set(True)
+        try:
+            with self.app_context():
+                yield
+        finally:
+            _IN_APP_CONTEXT.reset(token)
+
+    @contextlib.contextmanager
     def hook(self, session: Any) -> Iterator[None]:
         """The registry returns ``session`` while a hook runs on it."""
         if self.registry is None:
@@ -132,6 +148,9 @@ class AppCode:
         finally:
             registry.createfunc = original
 
+
+# True in a task (each has a context of its own) that has entered APP_CONTEXT.
+_IN_APP_CONTEXT: contextvars.ContextVar[bool] = contextvars.ContextVar("jobrunner_app_context", default=False)
 
 ASYNC_SESSION = "jobrunner_async_session"  # sync_session.info: its AsyncSession (see aio.py)
 

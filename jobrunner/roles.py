@@ -154,6 +154,7 @@ class Single:
                 pause=lambda: not r.outage.active or r.outage.wait(),
                 paused=lambda: r.outage.active,
                 claims=not isinstance(feed, MemoryFeed),
+                task_scope=r.in_task,
                 thread_name=self.thread_name(),
             )
         return Workers(

@@ -286,10 +286,16 @@ class _Run:
 
     def in_thread(self) -> contextlib.AbstractContextManager[Any]:
         """The job's APP_CONTEXT, for a thread that runs job code (an async
-        job's are entered in the task that runs it: see aio.adapt)."""
+        job's is entered in the task that runs it: see in_task)."""
         if self.app is None or self.job.is_async:
             return contextlib.nullcontext()
         return self.app.thread()
+
+    def in_task(self) -> contextlib.AbstractContextManager[Any]:
+        """The job's APP_CONTEXT, for an asyncio task that runs an async job's code."""
+        if self.app is None:
+            return contextlib.nullcontext()
+        return self.app.task()
 
     def in_hook(self, session: Any) -> contextlib.AbstractContextManager[Any]:
         """The job's SCOPED_SESSION returns ``session`` while a hook runs on it."""

@@ -373,3 +373,64 @@ def test_an_async_job_with_a_threads_scoped_session_is_refused(cli, write_job, s
     out = cli("run", "athreads", "--database-url", sqlite_url)
     assert out.returncode == 2, out.stderr
     assert "async_scoped_session" in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+ASYNC_FLASK_CONTEXT = """
+\"\"\"An async job whose code needs the Flask app's context (current_app, g).\"\"\"
+import atexit, contextlib, json, os
+from flask import Flask, current_app, g
+from sqlalchemy import text
+
+app = Flask("aflask")
+app.config["PRICE"] = 7
+contexts = {"entered": 0, "left": 0}
+
+@contextlib.contextmanager
+def APP_CONTEXT():
+    contexts["entered"] += 1
+    try:
+        with app.app_context():
+            yield
+    finally:
+        contexts["left"] += 1
+
+atexit.register(lambda: open(f"{os.environ['CONTEXTS']}.{os.getpid()}", "w").write(json.dumps(contexts)))
+
+async def setup(ctx, session):
+    assert current_app.name == "aflask"
+    await session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER, price INTEGER)"))
+
+async def items(ctx, session):
+    assert current_app.name == "aflask"
+    for i in range(60):
+        yield i
+
+async def prepare(ctx, item):
+    g.prepared = item  # the same app context as the item's process, in the same task
+    return item
+
+async def process(ctx, session, item):
+    assert g.prepared == item, "process runs in the app context its prepare ran in"
+    price = current_app.config["PRICE"]
+    await session.execute(text("INSERT INTO effects VALUES (:i, :p)"), {"i": item, "p": price})
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--processes", "2"]], ids=["single", "distributed"])
+def test_an_async_jobs_app_context_is_entered_once_per_task_and_left(cli, write_job, pg_url, tmp_path, extra):
+    """APP_CONTEXT is entered once in each task that runs job code (a chunk's
+    task, or a distributed run's claimer), not around each hook: what
+    prepare() leaves in flask.g, process() finds; every context entered is
+    left by the end of the run."""
+    write_job("aflask", ASYNC_FLASK_CONTEXT)
+    env = {"CONTEXTS": str(tmp_path / "c")}
+    out = cli("run", "aflask", "--database-url", pg_url, "--json", *extra, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["succeeded"] == 60
+    assert sorted(query(pg_url, "SELECT item, price FROM effects")) == [(i, 7) for i in range(60)]
+    processes = [json.loads(path.read_text()) for path in tmp_path.glob("c.*")]  # one file per process
+    assert len(processes) == (2 if extra else 1)
+    assert all(contexts["entered"] == contexts["left"] > 0 for contexts in processes), processes
+    # A task per chunk (a claimer per worker, distributed), setup's, and one per
+    # read of items() (256 items a read, and the read that finds the end): never one per hook.
+    assert sum(contexts["entered"] for contexts in processes) <= 60 + 3 * len(processes)
