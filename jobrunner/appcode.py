@@ -97,12 +97,12 @@ class AppCode:
     def task(self) -> Iterator[None]:
         """The application's context, for an asyncio task that runs job code:
         entered once, however many hooks the task awaits inside it."""
-        if self.app_context is None or _IN_APP_CONTEXT.get():
+        if _IN_APP_CONTEXT.get():
             yield
             return
         token = _IN_APP_CONTEXT.set(True)
         try:
-            with self.app_context():
+            with self.thread():
                 yield
         finally:
             _IN_APP_CONTEXT.reset(token)
