@@ -430,6 +430,8 @@ def test_status_shows_the_leader_and_its_helpers(cli, spawn, write_job, pg_url):
         "sleep=0.05",
     )
     wait_for_rows(pg_url, "batch_rows", minimum=10)
+    # The leader's workers can commit before its helper process is up on a busy machine.
+    wait_for_rows(pg_url, "jobrunner_run_processes", minimum=2)
     rows = json.loads(cli("status", "--database-url", pg_url, "--json").stdout)
     [row] = [r for r in rows if r["job"] == "batch"]
     assert row["holder"]["pid"] == leader.pid and len(row["helpers"]) == 1
