@@ -494,6 +494,8 @@ class HelperFence(_Heartbeat):
         super().__init__(database, job, **kwargs)
         self.run_id = run_id
         self.stop_requested: str | None = None
+        # The run's status once it is no longer running (None: no row).
+        self.ended_as: str | None = None
         # With the database up, a leader that lost only its connection has its
         # lock again within a heartbeat or two; one that died never will. A
         # helper that leaves too early costs throughput, never correctness.
@@ -539,6 +541,7 @@ class HelperFence(_Heartbeat):
         columns = (runs.c.status, runs.c.leader_backend, runs.c.stop_requested)
         row = session.execute(select(*columns).where(runs.c.id == self.run_id)).first()
         if row is None or row.status != Status.RUNNING.value:
+            self.ended_as = None if row is None else row.status
             raise RunOver(f"run {self.run_id} of {self.job} has ended")
         self.stop_requested = row.stop_requested
         # pg_stat_activity is a snapshot per transaction, and this one lasts the whole run.
@@ -554,6 +557,13 @@ class HelperFence(_Heartbeat):
         if not alive:
             raise NotYet(f"the leader of run {self.run_id} has no lock connection")
         return None
+
+    @property
+    def finished_by_leader(self) -> bool:
+        """The leader ended the run itself, once the work table was empty: a
+        helper has nothing in flight then (a claimed row stays visible, and
+        keeps the leader waiting, until its chunk commits)."""
+        return self.ended_as in (Status.SUCCEEDED.value, Status.FAILED.value)
 
 
 def try_lock(session: Any, job: str, mode: str) -> bool:

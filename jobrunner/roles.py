@@ -324,12 +324,21 @@ class Helping(Single):
             r.job.name,
             self.run_id,
             heartbeat=r.config.heartbeat,
-            on_lost=lambda why: r.stop.set(Status.LOCK_LOST, f"the run ended under this helper: {why}"),
+            on_lost=self._lost,
             may_retake=lambda: True,
             retake_within=r.config.outage_timeout,
             notice=r.reporter.notice,
         )
         return self.fence
+
+    def _lost(self, why: str) -> None:
+        if self.fence is not None and self.fence.finished_by_leader:
+            # Seen between this helper's last commit and its workers' last
+            # look at the work table: they leave by themselves, and this
+            # helper's part ends by its own counts, not with 69.
+            log.info("run %s was ended by its leader", self.run_id)
+            return
+        self.r.stop.set(Status.LOCK_LOST, f"the run ended under this helper: {why}")
 
     def open(self) -> None:
         r = self.r

@@ -3,20 +3,26 @@ and able to look at its internals."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 import time
+import types
 
 import pytest
 from helpers import query
-from sqlalchemy import exc
+from sqlalchemy import exc, insert, update
 
 from jobrunner import config as configmod
 from jobrunner import db as dbmod
 from jobrunner import tables
+from jobrunner.attempt import Verdict
 from jobrunner.exceptions import LockHeld
-from jobrunner.locking import Guard
+from jobrunner.locking import Guard, HelperFence, backend_identity
 from jobrunner.outage import is_sqlite_busy
+from jobrunner.result import Status
+from jobrunner.roles import Helping
+from jobrunner.stop import Stop
 
 
 def open_db(url, tmp_path):
@@ -114,3 +120,48 @@ def test_sqlite_busy_is_recognised(tmp_path):
     finally:
         engine.dispose()
         holder.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("ended_as", "helper_stops_with"),
+    [("succeeded", None), ("failed", None), ("interrupted", Status.LOCK_LOST), ("crashed", Status.LOCK_LOST)],
+)
+def test_a_helper_whose_leader_ended_the_run_ends_by_its_own_counts(pg_database, ended_as, helper_stops_with):
+    """The leader ends a run once its work table is empty; a helper's heartbeat
+    may see that before its workers take their last look at the table. Seen
+    in CI: such a helper said the run "ended under" it and exited 69."""
+    engine = pg_database.own_engine
+    with engine.connect() as leader_lock:  # the leader's lock connection, alive
+        _, backend = backend_identity(leader_lock)
+        with engine.begin() as conn:
+            run_id = conn.execute(
+                insert(tables.runs)
+                .values(
+                    job="job", status="running", started_at=datetime.datetime(2026, 1, 1), host="h", pid=1
+                )
+                .values(workers=1, leader_backend=backend)
+                .returning(tables.runs.c.id)
+            ).scalar_one()
+        helping = Helping(run_id)
+        helping.bind(types.SimpleNamespace(stop=Stop()))  # type: ignore[arg-type]  # the one part _lost uses
+        fence = HelperFence(
+            pg_database,
+            "job",
+            run_id,
+            heartbeat=0.1,
+            on_lost=helping._lost,
+            may_retake=lambda: True,
+            retake_within=5,
+            notice=None,
+        )
+        helping.fence = fence
+        with fence:
+            assert fence.verdict(fence.epoch()) is Verdict.COMMIT
+            with engine.begin() as conn:
+                conn.execute(update(tables.runs).where(tables.runs.c.id == run_id).values(status=ended_as))
+            assert fence.lost.wait(5), "the fence did not see the run end"
+            # Whatever the ending, nothing of this helper's commits after it.
+            assert fence.verdict(fence.epoch()) is Verdict.ABANDON
+            assert fence.ended_as == ended_as
+    assert helping.r.stop.reason is helper_stops_with
