@@ -425,7 +425,9 @@ def test_status_shows_the_leader_and_its_helpers(cli, spawn, write_job, pg_url):
         "--processes",
         "2",
         "--param",
-        "n=400",
+        # Far more than the test needs: SIGTERM ends it once both status calls
+        # are done (seen in CI: a 400-item run ended between them).
+        "n=20000",
         "--param",
         "sleep=0.05",
     )

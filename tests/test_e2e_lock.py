@@ -48,8 +48,17 @@ def test_second_copy_exits_75_at_once_and_first_finishes(spawn, write_job, db_ur
 def test_status_shows_the_holder(cli, spawn, write_job, db_url):
     write_job("two_rows", TWO_ROWS)
     write_job("record", RECORD)
+    # Long enough to outlast both status calls on a loaded CI machine (seen: a 4 s
+    # run ended between them); SIGTERM ends it once they are done.
     holder = spawn(
-        "run", "two_rows", "--database-url", db_url, "--param", long_enough(db_url, 4), "--param", "sleep=0.2"
+        "run",
+        "two_rows",
+        "--database-url",
+        db_url,
+        "--param",
+        long_enough(db_url, 60),
+        "--param",
+        "sleep=0.2",
     )
     wait_for_rows(db_url, "pairs")
     out = cli("status", "--database-url", db_url, "--json")
@@ -59,7 +68,8 @@ def test_status_shows_the_holder(cli, spawn, write_job, db_url):
     assert rows["record"]["running"] is False
     human = cli("status", "--database-url", db_url).stdout
     assert f"two_rows  running (pid {holder.pid} on " in human
-    assert finish(holder)[0] == 0
+    holder.send_signal(signal.SIGTERM)
+    assert finish(holder)[0] == 143
     assert "two_rows  idle" in cli("status", "--database-url", db_url).stdout
 
 
