@@ -258,7 +258,9 @@ class Leading(Single):
     def feed(self) -> Feed:
         if self.leader is None:
             return super().feed()
-        return self.leader.feed()
+        feed = self.leader.feed()
+        feed.count_retry = self.r.progress.retry
+        return feed
 
     def substitute_items(self) -> Iterable[Any] | None:
         if self.leader is not None and not self.leader.must_feed:
@@ -357,6 +359,7 @@ class Helping(Single):
             self._feed = WorkTableFeed(
                 r.database, self.run_id, stop=r.stop.event, outage=r.outage, leader=False
             )
+            self._feed.count_retry = r.progress.retry
         return self._feed
 
     def tick(self) -> None:

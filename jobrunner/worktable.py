@@ -174,6 +174,9 @@ class WorkTableFeed:
         # How take() waits (for rows, for the database): in this thread, or,
         # from an async run's loop, in a thread while the loop runs on.
         self.blocking: Callable[..., Any] = in_this_thread
+        # Claims that failed on a concurrent claim and were made again: the
+        # run counts them in ``retried``.
+        self.count_retry: Callable[[int], None] = lambda _claims: None
 
     # -- the leader's side
     def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
@@ -202,6 +205,7 @@ class WorkTableFeed:
                 _rollback(session)
                 kind = classify(error)
                 if kind is Kind.TRANSIENT:
+                    self.count_retry(1)
                     continue  # two claims raced for the same rows: claim again
                 if kind is Kind.GONE:
                     if self.blocking(self.outage.wait, error):
