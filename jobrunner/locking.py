@@ -35,6 +35,7 @@ lost and the run stops (exit 69).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -45,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import exc, func, select, text
+from sqlalchemy import delete, exc, func, select, text
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from jobrunner import db as dbmod
@@ -56,9 +57,11 @@ from jobrunner.outage import Kind, classify, is_sqlite_busy, mysql_code
 from jobrunner.result import Status
 from jobrunner.stop import Stop
 
+log = logging.getLogger("jobrunner")
+
 POLL_INTERVAL_S = 0.1
 LEADER_GRACE_BEATS = 5
-HOLDER_WAIT_S = 1.0
+HOLDER_WAIT_S = 3.0
 RETAKE_BACKOFF_CAP_S = 2.0
 
 
@@ -393,8 +396,26 @@ class Guard(_Heartbeat):
         session.commit()
 
     def _let_go(self, session: Any) -> None:
+        if self.record_holder and self._since is not None:
+            self._forget_holder()
         if self.mode == "advisory" and self.database.family == "mysql":
             release_advisory(session, self.job)
+
+    def _forget_holder(self) -> None:
+        # While the lock is still held: a loser that finds no row knows the
+        # winner has yet to write its own and waits for it (_holder), where a
+        # row left behind would name a run that has ended. Only a run that
+        # died keeps its row, until the next one writes over it.
+        statement = delete(tables.lock_holders).where(
+            tables.lock_holders.c.job == self.job,
+            tables.lock_holders.c.pid == os.getpid(),
+            tables.lock_holders.c.host == socket.gethostname(),
+        )
+        try:
+            with self.database.bookkeeping() as session, session.begin():
+                session.execute(statement)
+        except exc.DBAPIError as error:
+            log.info("cannot clear the lock's holder: %s", dbmod.describe_error(error))
 
     def _backend_id(self, session: Any) -> tuple[Any, str | None]:
         if self.mode == "file":

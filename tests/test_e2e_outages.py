@@ -162,11 +162,24 @@ def test_items_in_flight_when_the_lock_is_lost_never_commit(spawn, write_job, pg
     killed_at = time.time()
     killed = kill_lock_connection(pg_url, "two_rows")
     assert killed == [(True,)]
+    # Once the lock is taken again (a new lock connection), and while the run
+    # still holds it: status and the 'already running' line say when the run
+    # took the lock, not when it took it again. (A run that ends takes its row.)
+    database = pg_url.rsplit("/", 1)[1]
+    lock_connection = (
+        "SELECT count(*) FROM pg_stat_activity "
+        f"WHERE application_name = 'jobrunner two_rows lock' AND datname = '{database}'"
+    )
+    deadline = time.monotonic() + 20
+    while query(pg_url, lock_connection) != [(1,)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the holder row is written just after the lock is taken
+    assert run.poll() is None, "the run ended before its lock was seen taken again"
+    assert query(pg_url, "SELECT since FROM jobrunner_lock_holders WHERE job = 'two_rows'") == [(since,)]
     code, _, err = finish(run, timeout=60)
     assert code == 0, err
     assert "lock in doubt" in err and "lock taken again" in err
-    # status and the 'already running' line say when the run took the lock, not when it took it again
-    assert query(pg_url, "SELECT since FROM jobrunner_lock_holders WHERE job = 'two_rows'") == [(since,)]
+    assert query(pg_url, "SELECT since FROM jobrunner_lock_holders WHERE job = 'two_rows'") == []
     stale = query(pg_url, f"SELECT item, t0, t1 FROM pairs WHERE part = 2 AND t0 < {killed_at}")
     assert stale == [], f"items begun before the loss committed after it: {stale}"
     assert_whole_items(pg_url)

@@ -18,7 +18,7 @@ from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.attempt import Verdict
 from jobrunner.exceptions import LockHeld
-from jobrunner.locking import Guard, HelperFence, backend_identity
+from jobrunner.locking import Guard, HelperFence, backend_identity, read_holder
 from jobrunner.outage import is_sqlite_busy
 from jobrunner.result import Status
 from jobrunner.roles import Helping
@@ -57,6 +57,37 @@ def test_second_guard_on_the_same_job_is_refused_with_the_holder(database):
             pass
     with Guard(database, "job"):  # released at the end of the block
         pass
+
+
+def test_a_loser_names_the_run_that_holds_the_lock_not_the_one_before(database, monkeypatch):
+    """A run that ends takes its holder row with it: a loser that comes while
+    the next winner has the lock but has yet to write its row waits for that
+    row, rather than name the run that ended (or no one)."""
+    with Guard(database, "job"):
+        before = read_holder(database, "job")["since"]
+    assert read_holder(database, "job") == {}
+    time.sleep(1.1)  # MySQL's DATETIME keeps whole seconds
+    write = Guard._write_holder
+
+    def slowly(self):
+        time.sleep(1.5)  # longer than the loser's wait used to be
+        write(self)
+
+    monkeypatch.setattr(Guard, "_write_holder", slowly)
+    winner = Guard(database, "job")
+    entered = threading.Thread(target=winner.__enter__)
+    entered.start()
+    try:
+        time.sleep(0.5)  # the lock is taken; its row is not written yet
+        monkeypatch.setattr(Guard, "_write_holder", write)
+        with pytest.raises(LockHeld) as held:
+            with Guard(database, "job"):
+                pass
+        assert held.value.holder["pid"] == os.getpid()
+        assert held.value.holder["since"] > before
+    finally:
+        entered.join()
+        winner.release()
 
 
 def test_wait_gives_up_after_the_wait(database):
