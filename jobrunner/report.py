@@ -387,7 +387,9 @@ class TerminalReporter(BaseReporter):
 
     def notice(self, text: str) -> None:
         story.warning("%s: %s", self.config.job, text)
-        self.console.print(f"[yellow]{redaction.redact(text)}", markup=True, highlight=False)
+        # Not markup: a notice quotes errors and items, where "[/tmp/x]"
+        # raised rich's MarkupError and "[bold]" vanished.
+        self.console.print(redaction.redact(text), style="yellow", markup=False, highlight=False)
 
     def _summary(self, result: RunResult, out: IO[str]) -> None:
         from rich.table import Table
