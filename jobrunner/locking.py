@@ -62,6 +62,7 @@ log = logging.getLogger("jobrunner")
 POLL_INTERVAL_S = 0.1
 LEADER_GRACE_BEATS = 5
 HOLDER_WAIT_S = 3.0
+FORGET_HOLDER_WAIT_S = 0.5
 RETAKE_BACKOFF_CAP_S = 2.0
 
 
@@ -412,7 +413,9 @@ class Guard(_Heartbeat):
             tables.lock_holders.c.host == socket.gethostname(),
         )
         try:
-            with self.database.bookkeeping() as session, session.begin():
+            # Impatient: on SQLite, items abandoned at --shutdown-timeout may
+            # hold the write lock until the process leaves (a 30 s wait, seen).
+            with self.database.impatient_session(FORGET_HOLDER_WAIT_S) as session, session.begin():
                 session.execute(statement)
         except exc.DBAPIError as error:
             log.info("cannot clear the lock's holder: %s", dbmod.describe_error(error))
