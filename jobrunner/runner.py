@@ -421,6 +421,12 @@ class _Run:
                         "of the stop: they are rolled back"
                     )
                     return
+        if self.stop.is_set() and stopped_at is None:
+            # This process's workers can finish their in-flight items before
+            # a tick sees the stop: its helpers must hear of it all the same,
+            # or they go on with everything fed (seen: a SIGTERMed leader
+            # waited 28 s for its local helper).
+            self.role.stopping()
 
     def _unit(self, feed: Feed) -> Unit:
         run_id, key_of = self.opening.run_id, self.job.item_key
