@@ -403,30 +403,30 @@ class _Run:
     def _supervise(self, workers: Executor) -> None:
         """The main thread while workers work: checkpoints, and the shutdown timeout."""
         stopped_at: float | None = None
-        while not workers.wait(TICK_S):
+        while True:
+            done = workers.wait(TICK_S)
             now = time.monotonic()
-            if not self.outage.active:
+            if not done and not self.outage.active:
                 self.checkpoints.tick()
                 self.role.tick()
-            if self.stop.is_set():
-                if stopped_at is None:
-                    self.role.stopping()
-                stopped_at = stopped_at or now
-                if now - stopped_at > self.config.shutdown_timeout:
-                    self.fence.closed.set()
-                    self.abandoned = True
-                    self.progress.abandon()
-                    self.reporter.notice(
-                        f"in-flight items did not finish within {self.config.shutdown_timeout:g}s "
-                        "of the stop: they are rolled back"
-                    )
-                    return
-        if self.stop.is_set() and stopped_at is None:
-            # This process's workers can finish their in-flight items before
-            # a tick sees the stop: its helpers must hear of it all the same,
-            # or they go on with everything fed (seen: a SIGTERMed leader
-            # waited 28 s for its local helper).
-            self.role.stopping()
+            if self.stop.is_set() and stopped_at is None:
+                # Also when this process's workers finished before a tick saw
+                # the stop: its helpers must hear of it all the same, or they
+                # go on with everything fed (seen: a SIGTERMed leader waited
+                # 28 s for its local helper).
+                self.role.stopping()
+                stopped_at = now
+            if done:
+                return
+            if stopped_at is not None and now - stopped_at > self.config.shutdown_timeout:
+                self.fence.closed.set()
+                self.abandoned = True
+                self.progress.abandon()
+                self.reporter.notice(
+                    f"in-flight items did not finish within {self.config.shutdown_timeout:g}s "
+                    "of the stop: they are rolled back"
+                )
+                return
 
     def _unit(self, feed: Feed) -> Unit:
         run_id, key_of = self.opening.run_id, self.job.item_key
