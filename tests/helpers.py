@@ -60,12 +60,19 @@ def assert_whole_items(url: str) -> None:
     assert broken == [], f"half-committed items: {broken}"
 
 
+def _lock_backends(url: str, job: str) -> str:
+    """The FROM and WHERE that find ``job``'s lock connections on PostgreSQL."""
+    database = url.rsplit("/", 1)[1]
+    return f"FROM pg_stat_activity WHERE application_name = 'jobrunner {job} lock' AND datname = '{database}'"
+
+
 def kill_lock_connection(url: str, job: str) -> list[tuple]:
     """End the backend that holds ``job``'s lock on PostgreSQL, as a network
     cut or an administrator would: [(True,)] when there was one."""
-    database = url.rsplit("/", 1)[1]
-    return query(
-        url,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        f"WHERE application_name = 'jobrunner {job} lock' AND datname = '{database}'",
-    )
+    return query(url, f"SELECT pg_terminate_backend(pid) {_lock_backends(url, job)}")
+
+
+def lock_connections(url: str, job: str) -> int:
+    """How many connections hold or take ``job``'s lock on PostgreSQL."""
+    [(count,)] = query(url, f"SELECT count(*) {_lock_backends(url, job)}")
+    return count

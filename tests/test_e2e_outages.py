@@ -10,7 +10,15 @@ import threading
 import time
 
 import pytest
-from helpers import assert_whole_items, execute, finish, kill_lock_connection, query, wait_for_rows
+from helpers import (
+    assert_whole_items,
+    execute,
+    finish,
+    kill_lock_connection,
+    lock_connections,
+    query,
+    wait_for_rows,
+)
 from jobkit import PAGED, TWO_ROWS
 from sqlalchemy import create_engine, text
 
@@ -165,13 +173,8 @@ def test_items_in_flight_when_the_lock_is_lost_never_commit(spawn, write_job, pg
     # Once the lock is taken again (a new lock connection), and while the run
     # still holds it: status and the 'already running' line say when the run
     # took the lock, not when it took it again. (A run that ends takes its row.)
-    database = pg_url.rsplit("/", 1)[1]
-    lock_connection = (
-        "SELECT count(*) FROM pg_stat_activity "
-        f"WHERE application_name = 'jobrunner two_rows lock' AND datname = '{database}'"
-    )
     deadline = time.monotonic() + 20
-    while query(pg_url, lock_connection) != [(1,)] and time.monotonic() < deadline:
+    while lock_connections(pg_url, "two_rows") != 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # the holder row is written just after the lock is taken
     assert run.poll() is None, "the run ended before its lock was seen taken again"
