@@ -76,13 +76,13 @@ def main() -> None:
         log = server.root / "server.log"
         for _ in range(options.runs):
             for args in CASES:
+                case = " ".join(args)
                 for name, checkout in checkouts.items():
                     before = refused(log)
                     elapsed, summary = run(checkout, server.admin_url, options.items, args)
                     lines = refused(log) - before
                     retried = summary["retried"]
-                    results.setdefault((" ".join(args), name), []).append((elapsed, lines, retried))
-                    case = " ".join(args)
+                    results.setdefault((case, name), []).append((elapsed, lines, retried))
                     print(f"{name:7} {case:52} {elapsed:6.1f} s  ERROR lines {lines:3}  retried {retried}")
     finally:
         server.stop()

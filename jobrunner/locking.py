@@ -397,7 +397,7 @@ class Guard(_Heartbeat):
         session.commit()
 
     def _let_go(self, session: Any) -> None:
-        if self.record_holder and self._since is not None:
+        if self._since is not None:  # this run wrote a holder row (record_holder)
             self._forget_holder()
         if self.mode == "advisory" and self.database.family == "mysql":
             release_advisory(session, self.job)
