@@ -36,11 +36,11 @@ from sqlalchemy.orm import Session
 
 from jobrunner import history, jobs, tables
 from jobrunner.config import Config
+from jobrunner.counters import Counters
 from jobrunner.db import Database
 from jobrunner.exceptions import EX_SIGINT, ConfigError, HelpersRemain, describe_holder, exit_for
 from jobrunner.locking import helpers_still_working
 from jobrunner.outage import Outage
-from jobrunner.progress import Progress
 from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure, Status, error_line
 from jobrunner.stop import Stop
 from jobrunner.worktable import Feeder, WorkTableFeed, first_free_seq, retry_gone
@@ -88,12 +88,12 @@ class ProcessRow:
             insert(tables.run_processes).values(status=Status.RUNNING.value, workers=self.workers, **values)
         )
 
-    def tick(self, progress: Progress) -> None:
+    def tick(self, progress: Counters) -> None:
         if time.monotonic() >= self._next:
             self._next = time.monotonic() + history.CHECKPOINT_S
             self._update(progress.snapshot(), checkpoint_at=history.utcnow())
 
-    def finish(self, status: Status, progress: Progress) -> None:
+    def finish(self, status: Status, progress: Counters) -> None:
         now = history.utcnow()
         self._update(progress.snapshot(), status=status.value, finished_at=now, checkpoint_at=now)
 
@@ -253,7 +253,7 @@ class Leader:
             child.start()
             self.children.append(child)
 
-    def tick(self, progress: Progress) -> None:
+    def tick(self, progress: Counters) -> None:
         """The main thread: checkpoint this process, say when a local helper
         died, and apply --max-failures to the whole run."""
         self.row.tick(progress)
@@ -279,7 +279,7 @@ class Leader:
         except Exception as error:  # noqa: BLE001 - the helpers stop anyway when the run ends
             log.info("cannot ask the helpers to stop: %s", error_line(error))
 
-    def finish(self, progress: Progress, timeout: float) -> dict[str, Any]:
+    def finish(self, progress: Counters, timeout: float) -> dict[str, Any]:
         """Wait for this host's helpers, then total the run over every process."""
         deadline = time.monotonic() + timeout
         for child in self.children:
@@ -318,7 +318,7 @@ def forget_other_runs(database: Database, job: str, keep: int) -> int:
         return history.rowcount(session.execute(delete(work).where(work.c.run_id.in_(others))))
 
 
-def totals(database: Database, run_id: int, progress: Progress) -> dict[str, Any]:
+def totals(database: Database, run_id: int, progress: Counters) -> dict[str, Any]:
     """The run's counts over all its processes. ``succeeded`` comes from the
     work table itself: an item left it by a commit that did it, or by a
     recorded failure; the rest is still there."""

@@ -141,7 +141,7 @@ class MemoryFeed:
         return True  # nobody else can hold it
 
     def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
-        pass  # failures live in the run's Progress
+        pass  # failures live in the run's Counters
 
     def _taken(self, count: int) -> None:
         with self._room:

@@ -30,6 +30,7 @@ from jobrunner import appcode, distributed, dryrun, history, jobs, paging, roles
 from jobrunner import db as dbmod
 from jobrunner.config import Config
 from jobrunner.context import JobContext
+from jobrunner.counters import Counters
 from jobrunner.exceptions import (
     ConfigError,
     DatabaseUnavailable,
@@ -43,7 +44,6 @@ from jobrunner.executor import Executor, in_this_thread
 from jobrunner.feed import Feed, ItemFilter, MemoryFeed
 from jobrunner.locking import RunFence, _Heartbeat
 from jobrunner.outage import Kind, Outage, classify
-from jobrunner.progress import Progress
 from jobrunner.result import RunResult, Status, safe_repr
 from jobrunner.stop import Stop, catch_signals
 from jobrunner.transaction import SqliteLockWatch, TxidCheck, Unit
@@ -58,7 +58,7 @@ class Reporter(Protocol):
 
     def phase(self, text: str) -> None: ...
     def started(
-        self, job: str, *, total: int | None, progress: Progress, run_id: int | None, role: str | None = None
+        self, job: str, *, total: int | None, progress: Counters, run_id: int | None, role: str | None = None
     ) -> None: ...
     def notice(self, text: str) -> None: ...
     def info(self, text: str) -> None: ...
@@ -70,7 +70,7 @@ class _NullReporter:
         pass
 
     def started(
-        self, job: str, *, total: int | None, progress: Progress, run_id: int | None, role: str | None = None
+        self, job: str, *, total: int | None, progress: Counters, run_id: int | None, role: str | None = None
     ) -> None:
         pass
 
@@ -193,7 +193,7 @@ class _Run:
         self.config, self.job, self.database, self.reporter = config, job, database, reporter
         self.role = role
         self.app = appcode.AppCode.of(job)  # SCOPED_SESSION, APP_CONTEXT
-        self.progress = Progress()
+        self.progress = Counters()
         self.stop = Stop()
         self.error: str | None = None  # setup() or items() raised: the run failed
         self.abandoned = False

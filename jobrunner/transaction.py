@@ -29,12 +29,12 @@ from sqlalchemy.orm import Session
 
 from jobrunner import attempt
 from jobrunner.attempt import ChunkSize, Do, Verdict
+from jobrunner.counters import Counters
 from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, job_code
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
 from jobrunner.outage import Kind, Outage, backoff, classify
-from jobrunner.progress import Progress
 from jobrunner.result import safe_repr
 from jobrunner.stop import Stop
 
@@ -103,7 +103,7 @@ class Unit:
         fence: Fence,
         outage: Outage,
         stop: Stop,
-        progress: Progress,
+        progress: Counters,
         retries: int,
         keys: Keys | None,
         on_failure: Callable[[Any, Any, BaseException, bool], None],

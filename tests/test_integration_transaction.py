@@ -18,10 +18,10 @@ from sqlalchemy import exc, text
 from test_integration_guard import open_db
 
 from jobrunner import history
+from jobrunner.counters import Counters
 from jobrunner.feed import MemoryFeed
 from jobrunner.locking import RunFence
 from jobrunner.outage import Outage
-from jobrunner.progress import Progress
 from jobrunner.stop import Stop
 from jobrunner.transaction import TxidCheck, Unit
 
@@ -62,7 +62,7 @@ def drive(database, *, keys=None, commit_check=None, reached: bool):
         session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
 
     job = types.SimpleNamespace(process=process, process_batch=None, prepare=None)
-    stop, progress, failures = Stop(), Progress(), []
+    stop, progress, failures = Stop(), Counters(), []
     unit = Unit(
         job=job,
         ctx=None,
@@ -167,7 +167,7 @@ def test_a_commit_sent_after_another_run_took_the_lock_does_not_land(pg_url, tmp
         def process(ctx, session, item):
             session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
 
-        stop, progress, failures = Stop(), Progress(), []
+        stop, progress, failures = Stop(), Counters(), []
         unit = Unit(
             job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
             ctx=None,
@@ -191,3 +191,48 @@ def test_a_commit_sent_after_another_run_took_the_lock_does_not_land(pg_url, tmp
     assert failures == []
     assert progress.snapshot()["succeeded"] == 0
     assert notices and "ended 1 transaction(s)" in notices[-1]
+
+
+@pytest.mark.postgres
+def test_an_item_can_stream_rows_through_a_server_side_cursor(pg_url, tmp_path):
+    """``yield_per`` inside an item needs psycopg2 to be in a transaction of its
+    own making (it refuses a named cursor in autocommit mode): the items'
+    connections must keep psycopg2's transactions, whatever jobrunner adds to
+    them. Seen when BEGIN was sent by jobrunner itself on autocommit
+    connections to save the transaction id's round trip."""
+    database = open_db(pg_url, tmp_path)
+    try:
+        with database.session() as setup:
+            setup.execute(text("CREATE TABLE effects (item INTEGER NOT NULL)"))
+            setup.execute(text("INSERT INTO effects SELECT generate_series(1, 100)"))
+            setup.commit()
+
+        streamed = []
+
+        def process(ctx, session, item):
+            rows = session.execute(text("SELECT item FROM effects").execution_options(yield_per=10))
+            streamed.append(sum(1 for _row in rows))
+            session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+
+        stop, progress, failures = Stop(), Counters(), []
+        unit = Unit(
+            job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
+            ctx=None,
+            feed=MemoryFeed(1, stop.event),
+            fence=RunFence(None, stop),
+            outage=Outage(database.probe, 10),
+            stop=stop,
+            progress=progress,
+            retries=0,
+            keys=None,
+            on_failure=lambda item, token, error, settled: failures.append((item, error)),
+            commit_check=TxidCheck(),
+        )
+        with database.session() as session:
+            unit(session, [(1000, None)])
+    finally:
+        database.dispose()
+    assert failures == []
+    assert streamed == [100]
+    assert progress.snapshot()["succeeded"] == 1
+    assert len(effects(pg_url)) == 101

@@ -9,7 +9,7 @@ from typing import Any
 from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure
 
 
-class Progress:
+class Counters:
     """Counts in items (``commits`` in transactions); one lock, short holds."""
 
     def __init__(self) -> None:
