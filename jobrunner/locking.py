@@ -224,6 +224,12 @@ class _Heartbeat:
                 session.rollback()  # ends the transaction: the lock is released
             except exc.DBAPIError:
                 pass
+        except Exception as error:
+            # Whatever this thread did not foresee, the run must not wait for a
+            # lock that nobody is looking after any more: it is lost, and the
+            # run ends by that road.
+            log.debug("the lock's thread failed", exc_info=True)
+            self._mark_lost(f"the lock's thread failed: {dbmod.describe_error(error)}")
         finally:
             if session is not None:
                 _close_quietly(session)

@@ -86,3 +86,36 @@ def test_a_retake_counts_as_a_new_epoch():
         fence.retakes += 1  # what _retake does once the lock is taken again
         assert fence.verdict(epoch) is Verdict.REDO
         assert fence.verdict(fence.epoch()) is Verdict.COMMIT
+
+
+class RetakeFails(Scripted):
+    """The connection fails; taking the lock again raises what no branch of
+    the retake expects (seen: psycopg2's own error, outside SQLAlchemy's
+    wrapping, from a connection that died in a restart)."""
+
+    def __init__(self) -> None:
+        super().__init__([(0.0, "the lock's connection failed")])
+        self.may_retake = lambda: True
+        self.retake_within = 5.0
+
+    def _take(self, *, initial: bool) -> tuple[Any, Any]:
+        if initial:
+            return _Nothing(), None
+        raise RuntimeError("server closed the connection unexpectedly")
+
+
+def test_a_lock_thread_that_fails_unforeseen_loses_the_lock_rather_than_leave_workers_waiting():
+    """Workers wait for the lock's thread before they commit; were it to die,
+    they would wait for good (a run that never exits)."""
+    fence = RetakeFails()
+    answers: list[Verdict | None] = []
+    with fence:
+        time.sleep(3 * HEARTBEAT)  # the beat has failed, and the retake with it
+        asking = threading.Thread(target=lambda: answers.append(fence.verdict(fence.epoch())))
+        asking.start()
+        asking.join(3)
+        waiting = asking.is_alive()
+    asking.join(5)
+    assert not waiting, "a worker waited on a lock that nobody looks after"
+    assert answers == [Verdict.ABANDON]
+    assert fence.lost_reason == "the lock's thread failed: server closed the connection unexpectedly"
