@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import resource
 import stat
@@ -274,6 +275,7 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
                 application_name=name,
                 isolation=SQL_ISOLATION[isolation],
             )
+            own_transactions(engine, SQL_ISOLATION[isolation])
     except (ImportError, exc.NoSuchModuleError) as error:
         hint = MYSQL_DRIVER_HINT if family(dialect) == "mysql" else f"driver not available ({error})"
         raise ConfigError(f"database URL {shown!r}: {hint}") from None
@@ -539,6 +541,125 @@ def _postgres_engine(
         },
         **_pool_args(pool, pool_size, max_overflow),
     )
+
+
+XID_INFO = "jobrunner_xid"  # connection info: the id of the transaction jobrunner began on it
+STREAMED_INFO = "jobrunner_streamed"  # connection info: its transaction opened a server-side cursor
+_cursor_ids = itertools.count(1)
+
+
+def own_transactions(engine: Engine, level: str) -> None:
+    """On the items' psycopg2 connections jobrunner sends BEGIN itself
+    (psycopg2 in autocommit mode), and in the same message asks the
+    transaction's id: ``BEGIN ...; SELECT txid_current()``. A commit cut by a
+    restart is then settled by that id (transaction.TxidCheck) without a round
+    trip of its own: an item costs psycopg2's own round trips, BEGIN, the
+    job's statements, COMMIT.
+
+    The cost: every item transaction takes an id, also one that only reads
+    (its COMMIT writes a record, not flushed, since it wrote nothing else), so
+    ids are used up faster by read-only items; docs/outages.md says so.
+
+    Only connections at the items' isolation level are jobrunner's; one that a
+    session sets to another level (bookkeeping's READ COMMITTED, or a job's
+    AUTOCOMMIT) is psycopg2's as usual until it is given back.
+
+    psycopg2 refuses a named cursor (``yield_per``) on an autocommit
+    connection unless it is WITH HOLD; inside the transaction such a cursor is
+    an ordinary one, and COMMIT closes what the job left open (``CLOSE ALL``
+    in the same message), so none outlives its item or is materialised."""
+    dialect: Any = engine.dialect
+    if dialect.driver != "psycopg2":
+        return  # another driver keeps its own transactions (and the id's round trip)
+    import psycopg2
+    from psycopg2 import extensions
+
+    set_level, get_level = dialect.set_isolation_level, dialect.get_isolation_level
+    begin = f"BEGIN ISOLATION LEVEL {level}; SELECT txid_current()"
+
+    class Connection(psycopg2.extensions.connection):
+        """psycopg2's connection, which can say whether jobrunner begins its transactions."""
+
+        jobrunner_begins = False
+
+    @event.listens_for(engine, "do_connect")
+    def _factory(_dialect: Any, _record: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        kwargs["connection_factory"] = Connection
+
+    def raw(connection: Any) -> Any:
+        return getattr(connection, "dbapi_connection", connection)  # the pool's proxy, or psycopg2's
+
+    def ours(connection: Any) -> bool:
+        found = raw(connection)
+        return bool(getattr(found, "jobrunner_begins", False) and found.autocommit)
+
+    def info(connection: Any) -> dict[str, Any]:
+        # The pool's proxy carries the connection's info; SQLAlchemy's first
+        # look at a new connection passes one that has none.
+        try:
+            found = connection.info if hasattr(connection, "dbapi_connection") else None
+        except NotImplementedError:
+            found = None
+        return found if isinstance(found, dict) else {}
+
+    def send(connection: Any, statement: str) -> Any:
+        cursor = raw(connection).cursor()
+        try:
+            cursor.execute(statement)
+            return cursor.fetchone()[0] if cursor.description else None
+        finally:
+            cursor.close()
+
+    # Switching modes sends nothing: psycopg2 sends SET default_transaction_*
+    # when given a level with autocommit, and a SET on a connection that died
+    # in a restart raised outside SQLAlchemy's error handling, in the lock's
+    # thread. Setting the two attributes one by one, at DEFAULT, sends nothing.
+    def set_isolation_level(connection: Any, value: str) -> None:
+        if value in (level, "AUTOCOMMIT"):
+            connection.isolation_level = None
+            connection.autocommit = True
+            connection.jobrunner_begins = value == level
+        else:
+            connection.jobrunner_begins = False
+            set_level(connection, value)
+
+    def get_isolation_level(connection: Any) -> str:
+        return level if ours(connection) else str(get_level(connection))
+
+    def in_transaction(connection: Any) -> bool:
+        return bool(raw(connection).info.transaction_status != extensions.TRANSACTION_STATUS_IDLE)
+
+    def do_begin(connection: Any) -> None:
+        if ours(connection):
+            info(connection)[XID_INFO] = send(connection, begin)
+
+    def do_commit(connection: Any) -> None:
+        info(connection).pop(XID_INFO, None)
+        streamed = info(connection).pop(STREAMED_INFO, False)
+        if not ours(connection) or raw(connection).closed:
+            connection.commit()  # psycopg2's own, and its error for a closed connection
+        elif in_transaction(connection):
+            send(connection, "CLOSE ALL; COMMIT" if streamed else "COMMIT")
+
+    def do_rollback(connection: Any) -> None:
+        info(connection).pop(XID_INFO, None)
+        info(connection).pop(STREAMED_INFO, None)  # ROLLBACK drops the transaction's cursors
+        if not ours(connection) or raw(connection).closed:
+            connection.rollback()
+        elif in_transaction(connection):
+            send(connection, "ROLLBACK")
+
+    class Context(dialect.execution_ctx_cls):
+        def create_server_side_cursor(self) -> Any:
+            if not ours(self._dbapi_connection):
+                return super().create_server_side_cursor()
+            info(self._dbapi_connection)[STREAMED_INFO] = True
+            name = f"c_{id(self):x}_{next(_cursor_ids):x}"
+            return raw(self._dbapi_connection).cursor(name, withhold=True)
+
+    dialect.execution_ctx_cls = Context
+    dialect.set_isolation_level, dialect.get_isolation_level = set_isolation_level, get_isolation_level
+    dialect.do_begin, dialect.do_commit, dialect.do_rollback = do_begin, do_commit, do_rollback
 
 
 def _pool_args(pool: Any, pool_size: int, max_overflow: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from jobrunner import attempt
 from jobrunner.attempt import ChunkSize, Do, Verdict
 from jobrunner.counters import Counters
-from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, job_code
+from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, XID_INFO, job_code
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
@@ -58,24 +58,29 @@ class Keys(Protocol):
 
 class TxidCheck:
     """PostgreSQL can say afterwards whether a transaction committed: its id,
-    read just before COMMIT (one more round trip per chunk), and
-    ``txid_status`` once the database is back. So a commit cut by a restart
-    is settled for any job, not only for jobs with ``item_key``."""
+    and ``txid_status`` once the database is back. So a commit cut by a restart
+    is settled for any job, not only for jobs with ``item_key``.
+
+    On psycopg2 the id came with BEGIN (``db.own_transactions``), at no round
+    trip of its own; other drivers (asyncpg) read it just before COMMIT."""
 
     IN_PROGRESS_WAIT_S = 0.2
     IN_PROGRESS_TRIES = 25  # the old backend may still be finishing its COMMIT
 
     def mark(self, session: Session) -> Any:
-        """The transaction's id, or None if it sent nothing or wrote nothing.
-        One round trip per chunk, through SQLAlchemy's connection (so that a
-        lost connection is recognised as one) without compiling a statement."""
+        """The transaction's id, or None if it sent nothing or wrote nothing."""
         if not session.in_transaction():
             return None
         connection = session.connection()
-        raw: Any = connection.connection.dbapi_connection
+        proxy: Any = connection.connection
+        if XID_INFO in proxy.info:
+            return proxy.info[XID_INFO]
+        raw: Any = proxy.dbapi_connection
         status = getattr(raw, "get_transaction_status", None)  # psycopg2's; asyncpg has none
         if status is not None and status() == 0:
             return None  # psycopg2 is idle: nothing was sent, so nothing to settle
+        # Through SQLAlchemy's connection (a lost connection is recognised as
+        # one), without compiling a statement.
         return connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
 
     def committed(self, session: Session, mark: Any) -> bool | None:

@@ -14,7 +14,8 @@ import types
 
 import psycopg2
 import pytest
-from sqlalchemy import exc, text
+from helpers import execute, query
+from sqlalchemy import exc, make_url, text
 from test_integration_guard import open_db
 
 from jobrunner import history
@@ -86,8 +87,6 @@ def drive(database, *, keys=None, commit_check=None, reached: bool):
 
 
 def effects(url: str) -> list[int]:
-    from helpers import query
-
     return [item for (item,) in query(url, "SELECT item FROM effects ORDER BY item")]
 
 
@@ -195,11 +194,11 @@ def test_a_commit_sent_after_another_run_took_the_lock_does_not_land(pg_url, tmp
 
 @pytest.mark.postgres
 def test_an_item_can_stream_rows_through_a_server_side_cursor(pg_url, tmp_path):
-    """``yield_per`` inside an item needs psycopg2 to be in a transaction of its
-    own making (it refuses a named cursor in autocommit mode): the items'
-    connections must keep psycopg2's transactions, whatever jobrunner adds to
-    them. Seen when BEGIN was sent by jobrunner itself on autocommit
-    connections to save the transaction id's round trip."""
+    """``yield_per`` inside an item: psycopg2 refuses a named cursor on an
+    autocommit connection unless it is WITH HOLD, and jobrunner sends BEGIN
+    itself on such connections (db.own_transactions). A stream the job leaves
+    half-read is closed by its item's COMMIT, not kept open on the pooled
+    connection, and the next item starts with no cursor."""
     database = open_db(pg_url, tmp_path)
     try:
         with database.session() as setup:
@@ -207,13 +206,19 @@ def test_an_item_can_stream_rows_through_a_server_side_cursor(pg_url, tmp_path):
             setup.execute(text("INSERT INTO effects SELECT generate_series(1, 100)"))
             setup.commit()
 
-        streamed = []
+        seen = []
 
         def process(ctx, session, item):
+            open_before = session.scalar(text("SELECT count(*) FROM pg_cursors"))
             rows = session.execute(text("SELECT item FROM effects").execution_options(yield_per=10))
-            streamed.append(sum(1 for _row in rows))
+            whole = sum(1 for _row in rows)
+            left_open = session.execute(text("SELECT item FROM effects").execution_options(yield_per=10))
+            next(iter(left_open))
+            seen.append((open_before, whole))
             session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
+            held.append(left_open)  # not closed by the job, not garbage either
 
+        held: list = []
         stop, progress, failures = Stop(), Counters(), []
         unit = Unit(
             job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
@@ -230,9 +235,59 @@ def test_an_item_can_stream_rows_through_a_server_side_cursor(pg_url, tmp_path):
         )
         with database.session() as session:
             unit(session, [(1000, None)])
+            unit(session, [(1001, None)])
     finally:
         database.dispose()
     assert failures == []
-    assert streamed == [100]
-    assert progress.snapshot()["succeeded"] == 1
-    assert len(effects(pg_url)) == 101
+    assert seen == [(0, 100), (0, 101)], "a stream outlived its item"
+    assert progress.snapshot()["succeeded"] == 2
+    assert len(effects(pg_url)) == 102
+
+
+@pytest.mark.postgres
+def test_a_postgresql_item_costs_begin_its_statements_and_commit(pg_url, pg_server_log, tmp_path):
+    """The transaction id that settles a commit cut by a restart comes with
+    BEGIN, in the same message: no round trip of its own on each commit."""
+    if pg_server_log is None:
+        pytest.skip("the server's log is not ours to read")
+    name = make_url(pg_url).database
+    execute(pg_url, f"ALTER DATABASE {name} SET log_statement = 'all'")
+    database = open_db(pg_url, tmp_path)
+    try:
+        with database.session() as setup:
+            setup.execute(text("CREATE TABLE effects (item INTEGER NOT NULL)"))
+            setup.commit()
+
+        def process(ctx, session, item):
+            session.execute(text("INSERT INTO effects VALUES (:i) /* the job's */"), {"i": item})
+
+        stop, progress, failures = Stop(), Counters(), []
+        unit = Unit(
+            job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
+            ctx=None,
+            feed=MemoryFeed(1, stop.event),
+            fence=RunFence(None, stop),
+            outage=Outage(database.probe, 10),
+            stop=stop,
+            progress=progress,
+            retries=0,
+            keys=None,
+            on_failure=lambda item, token, error, settled: failures.append((item, error)),
+            commit_check=TxidCheck(),
+        )
+        with database.session() as session:
+            session.connection()  # the connection's own set-up is not the item's
+            session.rollback()
+            log_from = pg_server_log.stat().st_size
+            unit(session, [(1, None)])
+        with pg_server_log.open(errors="replace") as log:
+            log.seek(log_from)
+            statements = [line.split("statement: ", 1)[1].strip() for line in log if "statement: " in line]
+    finally:
+        database.dispose()
+    assert failures == [] and effects(pg_url) == [1]
+    assert statements == [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current()",
+        "INSERT INTO effects VALUES (1) /* the job's */",
+        "COMMIT",
+    ]
