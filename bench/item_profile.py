@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from pgserver import PostgresServer, find_bindir  # noqa: E402
-from versions import check_rows, fresh_rows  # noqa: E402
+from run import reset_rows  # noqa: E402
+from versions import check_rows  # noqa: E402
 
 PARTS = ("psycopg2", "sqlalchemy", "jobrunner", "other")
 
@@ -74,7 +75,7 @@ def main() -> None:
             conn.execute(text("CREATE DATABASE profiled"))
         admin.dispose()
         url = server.admin_url.rsplit("/", 1)[0] + "/profiled"
-        fresh_rows(url, options.items)
+        reset_rows(url, options.items)
         profiles = profiled_workers()
         from jobrunner.cli import cli
 
@@ -103,6 +104,8 @@ def main() -> None:
         print(f"| {name} | {own[name] / options.items * 1e6:.0f} | {own[name] / total:.0%} |")
     print(f"| all | {total / options.items * 1e6:.0f} | 100% |\n")
     stats.sort_stats("tottime").print_stats(options.top)
+    print("jobrunner's own functions:")
+    stats.print_stats("/jobrunner/", options.top)
 
 
 if __name__ == "__main__":

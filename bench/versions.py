@@ -38,6 +38,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from pgserver import PostgresServer, find_bindir  # noqa: E402
+from run import reset_rows  # noqa: E402
 
 OLD = ("3d129c3", "e1fb8bd")
 BATCHLESS = {"3d129c3"}
@@ -51,20 +52,6 @@ def extract(commit: str, into: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(target, filter="data")
     return target
-
-
-def fresh_rows(url: str, count: int) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS bench_rows"))
-        conn.execute(text("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
-        conn.execute(
-            text("INSERT INTO bench_rows (id, n) VALUES (:id, 0)"), [{"id": i} for i in range(1, count + 1)]
-        )
-    if engine.dialect.name == "postgresql":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE bench_rows"))
-    engine.dispose()
 
 
 def check_rows(url: str, count: int) -> None:
@@ -83,6 +70,18 @@ def wall(cmd: list[str], env: dict[str, str], cwd: str) -> float:
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {out.returncode}: {out.stderr[-1500:]}")
     return seconds
+
+
+def measured(url: str, count: int, cmd: list[str], env: dict[str, str], cwd: Path) -> Callable[[], float]:
+    """One timed run of ``cmd`` on fresh rows, every row checked after it."""
+
+    def measure() -> float:
+        reset_rows(url, count)
+        seconds = wall(cmd, env, str(cwd))
+        check_rows(url, count)
+        return seconds
+
+    return measure
 
 
 def main() -> None:
@@ -127,13 +126,7 @@ def main() -> None:
             if batch != 1:
                 cmd += ["--batch-size", str(batch)]
 
-            def measure() -> float:
-                fresh_rows(url, count)
-                seconds = wall(cmd, env, str(work))
-                check_rows(url, count)
-                return seconds
-
-            return measure
+            return measured(url, count, cmd, env, work)
 
         def script(path: str, workers: int, count: int) -> Callable[[], float]:
             url = urls[("this", "postgresql")]
@@ -148,13 +141,7 @@ def main() -> None:
                 str(count),
             ]
 
-            def measure() -> float:
-                fresh_rows(url, count)
-                seconds = wall(cmd, base_env, str(work))
-                check_rows(url, count)
-                return seconds
-
-            return measure
+            return measured(url, count, cmd, base_env, work)
 
         cases: dict[tuple[str, str], Callable[[], float]] = {}
         for database, workers, batch in (

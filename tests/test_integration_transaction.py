@@ -62,21 +62,7 @@ def drive(database, *, keys=None, commit_check=None, reached: bool):
     def process(ctx, session, item):
         session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
 
-    job = types.SimpleNamespace(process=process, process_batch=None, prepare=None)
-    stop, progress, failures = Stop(), Counters(), []
-    unit = Unit(
-        job=job,
-        ctx=None,
-        feed=MemoryFeed(1, stop.event),
-        fence=RunFence(None, stop),
-        outage=Outage(database.probe, 10),
-        stop=stop,
-        progress=progress,
-        retries=3,
-        keys=keys,
-        on_failure=lambda item, token, error, settled: failures.append((item, error)),
-        commit_check=commit_check,
-    )
+    unit, progress, failures = one_worker(database, process, keys=keys, commit_check=commit_check)
     session = database.session()
     try:
         LosesOneCommitReply(session, reached=reached)
@@ -84,6 +70,26 @@ def drive(database, *, keys=None, commit_check=None, reached: bool):
     finally:
         session.close()
     return progress.snapshot(), failures
+
+
+def one_worker(database, process, *, fence=None, retries=3, keys=None, **extra):
+    """The real Unit for ``process`` on ``database``, as one worker of a run
+    has it; returns (unit, progress, failures)."""
+    stop, progress, failures = Stop(), Counters(), []
+    unit = Unit(
+        job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
+        ctx=None,
+        feed=MemoryFeed(1, stop.event),
+        fence=RunFence(None, stop) if fence is None else fence,
+        outage=Outage(database.probe, 10),
+        stop=stop,
+        progress=progress,
+        retries=retries,
+        keys=keys,
+        on_failure=lambda item, token, error, settled: failures.append((item, error)),
+        **extra,
+    )
+    return unit, progress, failures
 
 
 def effects(url: str) -> list[int]:
@@ -166,18 +172,11 @@ def test_a_commit_sent_after_another_run_took_the_lock_does_not_land(pg_url, tmp
         def process(ctx, session, item):
             session.execute(text("INSERT INTO effects VALUES (:i)"), {"i": item})
 
-        stop, progress, failures = Stop(), Counters(), []
-        unit = Unit(
-            job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
-            ctx=None,
-            feed=MemoryFeed(1, stop.event),
+        unit, progress, failures = one_worker(
+            a,
+            process,
             fence=LostAfterFirstAnswer(),
-            outage=Outage(a.probe, 10),
-            stop=stop,
-            progress=progress,
-            retries=3,
             keys=history.KeyRecorder(run_id, str),
-            on_failure=lambda item, token, error, settled: failures.append((item, error)),
             # between A's verdict and its COMMIT: B takes the lock and opens its run
             before_commit=lambda _session: locking.end_earlier_writers(b, "job", notices.append),
         )
@@ -219,20 +218,7 @@ def test_an_item_can_stream_rows_through_a_server_side_cursor(pg_url, tmp_path):
             held.append(left_open)  # not closed by the job, not garbage either
 
         held: list = []
-        stop, progress, failures = Stop(), Counters(), []
-        unit = Unit(
-            job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
-            ctx=None,
-            feed=MemoryFeed(1, stop.event),
-            fence=RunFence(None, stop),
-            outage=Outage(database.probe, 10),
-            stop=stop,
-            progress=progress,
-            retries=0,
-            keys=None,
-            on_failure=lambda item, token, error, settled: failures.append((item, error)),
-            commit_check=TxidCheck(),
-        )
+        unit, progress, failures = one_worker(database, process, retries=0, commit_check=TxidCheck())
         with database.session() as session:
             unit(session, [(1000, None)])
             unit(session, [(1001, None)])
@@ -261,20 +247,7 @@ def test_a_postgresql_item_costs_begin_its_statements_and_commit(pg_url, pg_serv
         def process(ctx, session, item):
             session.execute(text("INSERT INTO effects VALUES (:i) /* the job's */"), {"i": item})
 
-        stop, progress, failures = Stop(), Counters(), []
-        unit = Unit(
-            job=types.SimpleNamespace(process=process, process_batch=None, prepare=None),
-            ctx=None,
-            feed=MemoryFeed(1, stop.event),
-            fence=RunFence(None, stop),
-            outage=Outage(database.probe, 10),
-            stop=stop,
-            progress=progress,
-            retries=0,
-            keys=None,
-            on_failure=lambda item, token, error, settled: failures.append((item, error)),
-            commit_check=TxidCheck(),
-        )
+        unit, progress, failures = one_worker(database, process, retries=0, commit_check=TxidCheck())
         with database.session() as session:
             session.connection()  # the connection's own set-up is not the item's
             session.rollback()
@@ -286,6 +259,7 @@ def test_a_postgresql_item_costs_begin_its_statements_and_commit(pg_url, pg_serv
     finally:
         database.dispose()
     assert failures == [] and effects(pg_url) == [1]
+    assert progress.snapshot()["succeeded"] == 1
     assert statements == [
         "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current()",
         "INSERT INTO effects VALUES (1) /* the job's */",
