@@ -4,10 +4,12 @@
     python bench/run.py --only batches,isolation       # some sections; the others keep their saved results
     python bench/run.py --quick                        # fewer runs and items: a smoke test
 
-bench/bad_items.py measures what bad items cost a chunked run, and
-bench/async_items.py async jobs against threaded ones, each on its own: their
-sections of BENCHMARKS.md are written by hand from what they print, and
-carry a KEPT marker so that this script keeps them when it rewrites the file.
+bench/bad_items.py measures what bad items cost a chunked run,
+bench/async_items.py async jobs against threaded ones, bench/versions.py older
+versions of jobrunner against this one, and bench/item_profile.py where a
+batch-1 item's time goes, each on its own: their sections of BENCHMARKS.md
+are written by hand from what they print, and carry a KEPT marker so that
+this script keeps them when it rewrites the file.
 
 Each timing is the median of --runs runs (5 by default); contenders in a
 comparison are measured in the same run, alternating.
