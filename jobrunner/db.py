@@ -550,6 +550,43 @@ def _postgres_engine(
     )
 
 
+# InnoDB answers a deadlock by rolling back the whole transaction; the next
+# statement then begins a new one, and a COMMIT would keep only what came after.
+MYSQL_ROLLS_BACK_TRANSACTION = frozenset({1213})
+ROLLED_BACK_INFO = "jobrunner_rolled_back"  # connection info: the server rolled its transaction back
+
+
+def note_transaction_rollbacks(engine: Engine) -> None:
+    """Remember on the connection an error by which MySQL rolled the whole
+    transaction back, until the next transaction begins (see ``work_lost``)."""
+
+    @event.listens_for(engine, "handle_error")
+    def _noted(context: Any) -> None:
+        args = getattr(context.original_exception, "args", ())
+        if context.connection is not None and args and args[0] in MYSQL_ROLLS_BACK_TRANSACTION:
+            context.connection.connection.info[ROLLED_BACK_INFO] = True
+
+    @event.listens_for(engine, "begin")
+    def _fresh(conn: Any) -> None:
+        conn.connection.info.pop(ROLLED_BACK_INFO, None)
+
+
+def work_lost(session: Session) -> bool:
+    """The session's transaction can no longer commit what the job did in it:
+    a statement failed, the job caught the error without raising it, and the
+    server had already given the transaction up. PostgreSQL then answers
+    COMMIT by rolling back, without an error; MySQL would commit only what
+    came after the error. Only asked where a transaction is open: an item
+    that sent nothing costs nothing here."""
+    if not session.in_transaction():
+        return False
+    proxy: Any = session.connection().connection
+    if proxy.info.get(ROLLED_BACK_INFO):
+        return True
+    status = getattr(proxy.dbapi_connection, "get_transaction_status", None)  # psycopg2's
+    return status is not None and status() == 3  # TRANSACTION_STATUS_INERROR
+
+
 XID_INFO = "jobrunner_xid"  # connection info: the id of the transaction jobrunner began on it
 XID_OPTION = "jobrunner_xid"  # execution option: this engine's transactions learn their id at BEGIN
 WANTS_XID_INFO = "jobrunner_wants_xid"  # connection info: the transaction beginning is a worker's
@@ -730,6 +767,8 @@ def mysql_events(engine: Engine, *, guard: bool = False) -> None:
         if guard and "mariadb" in dbapi_connection.get_server_info().lower():
             cursor.execute(MARIADB_GUARD)
         cursor.close()
+
+    note_transaction_rollbacks(engine)
 
 
 def lock_database_path(url: str, job: str) -> str:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from jobrunner import attempt
 from jobrunner.attempt import ChunkSize, Do, Verdict
 from jobrunner.counters import Counters
-from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, XID_INFO, job_code
+from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, XID_INFO, job_code, work_lost
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
@@ -54,6 +54,14 @@ class Keys(Protocol):
 
     def record(self, session: Session, items: list[Any]) -> None: ...
     def committed(self, session: Session, item: Any) -> bool: ...
+
+
+WORK_LOST = (
+    "a statement of the item failed and the job caught the error without raising it, but the "
+    "database had already given up the item's transaction, so its work cannot commit whole: the "
+    "item fails (let the error propagate, or put a statement that may fail in "
+    "session.begin_nested())"
+)
 
 
 class TxidCheck:
@@ -228,6 +236,8 @@ class Unit:
                 if self.changes is not None:
                     self.changes.start(session)
                 failed = self._process(session, work)
+                if work_lost(session):
+                    raise ItemRolledBack(WORK_LOST)
                 good = [w for w in work if not any(w is f for f, _ in failed)] if failed else work
                 if failed:
                     self.feed.record_failures(session, [_failure(w, e) for w, e in failed])
