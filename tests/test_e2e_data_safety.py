@@ -389,6 +389,94 @@ def test_commits_and_rollbacks_by_the_jobs_code_never_split_an_item(cli, write_j
     assert rows == sorted(set(range(40)) - bad), "a failed item's own commit was kept"
 
 
+SWALLOWING = """
+from sqlalchemy import exc, text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS done (item INTEGER NOT NULL)"))
+
+def items(ctx, session):
+    return range(20)
+
+def process(ctx, session, item):
+    session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+    if item % 10 == 4:
+        try:
+            session.execute(text("SELECT 1 / 0"))
+        except exc.DBAPIError:
+            pass  # caught and not raised: PostgreSQL has aborted the transaction
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("batch", ["1", "5"])
+def test_an_item_whose_caught_error_aborted_its_transaction_fails_and_the_rest_commit(
+    cli, write_job, pg_url, batch
+):
+    """PostgreSQL answers COMMIT of an aborted transaction by rolling back,
+    without an error. Seen: '5 succeeded, 0 failed' and no row in the table;
+    in chunks, the next item's statement failed and took the blame."""
+    write_job("swallow", SWALLOWING)
+    out = cli("run", "swallow", "--database-url", pg_url, "-b", batch, "--json")
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (18, 2)
+    assert sorted(f["item"] for f in summary["failures"]) == ["14", "4"]
+    assert all("already given up the item's transaction" in f["error"] for f in summary["failures"])
+    rows = sorted(item for (item,) in query(pg_url, "SELECT item FROM done"))
+    assert rows == [i for i in range(20) if i % 10 != 4]
+
+
+DEADLOCKING = """
+import time
+from sqlalchemy import exc, text
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS pair (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+    session.execute(text("CREATE TABLE IF NOT EXISTS done (item INTEGER NOT NULL)"))
+    session.execute(text("DELETE FROM pair"))
+    session.execute(text("INSERT INTO pair VALUES (1, 0), (2, 0)"))
+
+def items(ctx, session):
+    return [0, 1]
+
+def process(ctx, session, item):
+    first, second = (1, 2) if item == 0 else (2, 1)
+    session.execute(text("UPDATE pair SET n = n + 1 WHERE id = :id"), {"id": first})
+    time.sleep(1)  # both hold their first row: each now waits for the other's
+    try:
+        session.execute(text("UPDATE pair SET n = n + 1 WHERE id = :id"), {"id": second})
+    except exc.DBAPIError:
+        pass  # the deadlock, caught and not raised
+    session.execute(text("INSERT INTO done VALUES (:i)"), {"i": item})
+"""
+
+
+@pytest.mark.parametrize(
+    "server",
+    [pytest.param("pg_url", marks=pytest.mark.postgres), pytest.param("mysql_url", marks=pytest.mark.mysql)],
+)
+def test_an_item_that_caught_its_own_deadlock_fails_whole(cli, write_job, request, server):
+    """The server ends one of two deadlocked transactions. MariaDB rolls it
+    back and the next statement begins a new one: a COMMIT would keep the
+    INSERT without the UPDATE before it (half an item). PostgreSQL would roll
+    it all back at COMMIT and report nothing."""
+    url = request.getfixturevalue(server)
+    write_job("deadlock", DEADLOCKING)
+    out = cli("run", "deadlock", "--database-url", url, "-w", "2", "--no-lock", "--json")
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (1, 1), summary
+    [failure] = summary["failures"]
+    # MariaDB runs the INSERT in a new transaction, which jobrunner refuses to
+    # commit; PostgreSQL refuses the INSERT itself, which the job lets through.
+    said = "already given up the item's transaction" if server == "mysql_url" else "InFailedSqlTransaction"
+    assert said in failure["error"]
+    done = [item for (item,) in query(url, "SELECT item FROM done")]
+    assert done == [1 - int(failure["item"])], "the failed item's INSERT was kept"
+    assert sorted(n for (n,) in query(url, "SELECT n FROM pair")) == [1, 1], "an item was kept in part"
+
+
 def test_a_dry_run_keeps_nothing_that_the_jobs_code_committed(cli, write_job, db_url):
     write_job("selfcommit", SELF_COMMITTING)
     assert cli("run", "selfcommit", "--database-url", db_url, "--param", "n=0").returncode in (0, 1)
