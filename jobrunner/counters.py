@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from jobrunner.result import MAX_FAILURES_LISTED, ItemFailure
+from jobrunner.result import COUNTS, MAX_FAILURES_LISTED, ItemFailure
 
 
 class Counters:
@@ -104,13 +104,7 @@ class Counters:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "succeeded": self.succeeded,
-                "failed": self.failed,
-                "retried": self.retried,
-                "skipped": self.skipped,
-                "replayed": self.replayed,
-                "rolled_back": self.rolled_back,
-                "commits": self.commits,
+                **{name: getattr(self, name) for name in COUNTS},
                 "done": self.succeeded + self.failed,
                 "total": self.total,
             }

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.outage import Kind, Outage, classify
-from jobrunner.result import RunResult, Status
+from jobrunner.result import COUNTS, RunResult, Status
 
 log = logging.getLogger("jobrunner")
 UNFINISHED = (
@@ -37,7 +37,6 @@ UNFINISHED = (
     Status.LOCK_LOST,
     Status.UNAVAILABLE,
 )
-COUNTS = ("succeeded", "failed", "retried", "skipped", "replayed", "rolled_back", "commits")
 CRASHED_NOTE = (
     "its end was never recorded: the process was killed, or the database was unreachable "
     "when it ended; the counts are those of its last checkpoint"

@@ -11,6 +11,9 @@ from typing import Any
 from jobrunner import exceptions
 from jobrunner.exceptions import error_line
 
+# A run's counts, in the order the summary, --json, history and metrics give them.
+COUNTS = ("succeeded", "failed", "retried", "skipped", "replayed", "rolled_back", "commits")
+
 MAX_FAILURES_LISTED = 100
 __all__ = ["MAX_FAILURES_LISTED", "ItemFailure", "RunResult", "Status", "error_line", "safe_repr"]
 
@@ -112,13 +115,7 @@ class RunResult:
             "job": self.job,
             "status": self.status.value,
             "dry_run": self.dry_run,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "retried": self.retried,
-            "skipped": self.skipped,
-            "replayed": self.replayed,
-            "rolled_back": self.rolled_back,
-            "commits": self.commits,
+            **{name: getattr(self, name) for name in COUNTS},
             "duration_seconds": round(self.duration_seconds, 3),
             "items_seconds": round(self.items_seconds, 3),
             "items_per_second": round(self.rate, 1),

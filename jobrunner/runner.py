@@ -44,7 +44,7 @@ from jobrunner.executor import Executor, in_this_thread
 from jobrunner.feed import Feed, ItemFilter, MemoryFeed
 from jobrunner.locking import RunFence, _Heartbeat
 from jobrunner.outage import Kind, Outage, classify
-from jobrunner.result import RunResult, Status, safe_repr
+from jobrunner.result import COUNTS, RunResult, Status, safe_repr
 from jobrunner.stop import Stop, catch_signals
 from jobrunner.transaction import SqliteLockWatch, TxidCheck, Unit
 
@@ -511,7 +511,7 @@ class _Run:
             job=self.job.name,
             status=self.stop.reason or (Status.FAILED if self.error or snap["failed"] else Status.SUCCEEDED),
             dry_run=self.config.dry_run,
-            **{key: snap[key] for key in history.COUNTS},
+            **{key: snap[key] for key in COUNTS},
             started_at=started_at,
             finished_at=datetime.now(UTC),
             duration_seconds=time.monotonic() - t0,
