@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import resource
@@ -108,14 +107,8 @@ class Database:
         return family(self.dialect)
 
     def session(self) -> Session:
-        """A worker's session: writes, at the job's isolation level. On
-        psycopg2 its transactions learn their id as they begin (see
-        ``own_transactions``); no other session's do."""
-        return self._owned(self._items_engine)
-
-    @functools.cached_property
-    def _items_engine(self) -> Any:
-        return self.engine.execution_options(**{XID_OPTION: True})
+        """A worker's session: writes, at the job's isolation level."""
+        return self._owned(self.engine)
 
     def reader(self) -> Session:
         """A session for reading (the items reader, status): READ COMMITTED on a
@@ -282,7 +275,13 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
                 application_name=name,
                 isolation=SQL_ISOLATION[isolation],
             )
-            own_transactions(engine, SQL_ISOLATION[isolation])
+            if SQL_ISOLATION[isolation] != BOOKKEEPING:
+                # At READ COMMITTED the items reader and jobrunner's own sessions
+                # share the workers' level, so their connections would be ours
+                # too: a reader left open (a generator items()) would then hold
+                # an id, and VACUUM's horizon with it. Those runs keep psycopg2's
+                # transactions and read the id before COMMIT.
+                own_transactions(engine, SQL_ISOLATION[isolation])
     except (ImportError, exc.NoSuchModuleError) as error:
         hint = MYSQL_DRIVER_HINT if family(dialect) == "mysql" else f"driver not available ({error})"
         raise ConfigError(f"database URL {shown!r}: {hint}") from None
@@ -588,8 +587,6 @@ def work_lost(session: Session) -> bool:
 
 
 XID_INFO = "jobrunner_xid"  # connection info: the id of the transaction jobrunner began on it
-XID_OPTION = "jobrunner_xid"  # execution option: this engine's transactions learn their id at BEGIN
-WANTS_XID_INFO = "jobrunner_wants_xid"  # connection info: the transaction beginning is a worker's
 STREAMED_INFO = "jobrunner_streamed"  # connection info: its transaction opened a server-side cursor
 _cursor_ids = itertools.count(1)
 
@@ -606,11 +603,9 @@ def own_transactions(engine: Engine, level: str) -> None:
     (its COMMIT writes a record, not flushed, since it wrote nothing else), so
     ids are used up faster by read-only items; docs/outages.md says so.
 
-    Connections at the items' isolation level are jobrunner's, and their
-    transactions begin with jobrunner's BEGIN (with the id only for a
-    worker's session); one that a session sets to another level
-    (bookkeeping's READ COMMITTED, or a job's AUTOCOMMIT) is psycopg2's as
-    usual until it is given back.
+    Only connections at the items' isolation level are jobrunner's; one that a
+    session sets to another level (bookkeeping's READ COMMITTED, or a job's
+    AUTOCOMMIT) is psycopg2's as usual until it is given back.
 
     psycopg2 refuses a named cursor (``yield_per``) on an autocommit
     connection unless it is WITH HOLD; inside the transaction such a cursor is
@@ -623,8 +618,7 @@ def own_transactions(engine: Engine, level: str) -> None:
     from psycopg2 import extensions
 
     set_level, get_level = dialect.set_isolation_level, dialect.get_isolation_level
-    plain_begin = f"BEGIN ISOLATION LEVEL {level}"
-    xid_begin = f"{plain_begin}; SELECT txid_current()"
+    begin = f"BEGIN ISOLATION LEVEL {level}; SELECT txid_current()"
 
     class Connection(psycopg2.extensions.connection):
         """psycopg2's connection, which can say whether jobrunner begins its transactions."""
@@ -678,23 +672,9 @@ def own_transactions(engine: Engine, level: str) -> None:
     def in_transaction(connection: Any) -> bool:
         return bool(raw(connection).info.transaction_status != extensions.TRANSACTION_STATUS_IDLE)
 
-    # Only the workers' sessions take an id (Database.session): the items
-    # reader and jobrunner's own sessions at the same level begin plainly, or
-    # a read-only transaction left open (a generator items()) would hold back
-    # VACUUM's horizon with an id it has no use for.
-    @event.listens_for(engine, "begin")
-    def _wants_xid(conn: Any) -> None:
-        if conn.get_execution_options().get(XID_OPTION):
-            conn.connection.info[WANTS_XID_INFO] = True
-
     def do_begin(connection: Any) -> None:
-        wants = info(connection).pop(WANTS_XID_INFO, False)
-        if not ours(connection):
-            return
-        if wants:
-            info(connection)[XID_INFO] = send(connection, xid_begin)
-        else:
-            send(connection, plain_begin)
+        if ours(connection):
+            info(connection)[XID_INFO] = send(connection, begin)
 
     def do_commit(connection: Any) -> None:
         info(connection).pop(XID_INFO, None)

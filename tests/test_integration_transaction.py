@@ -268,20 +268,23 @@ def test_a_postgresql_item_costs_begin_its_statements_and_commit(pg_url, pg_serv
 
 
 @pytest.mark.postgres
-def test_only_a_workers_transaction_takes_an_id_at_begin(pg_url, tmp_path):
-    """At READ COMMITTED the items reader and jobrunner's own sessions share
-    the workers' level: they must begin without an id, or a transaction left
-    open (a generator items()) would hold back VACUUM with one."""
+@pytest.mark.parametrize("isolation", ["repeatable_read", "read_committed"])
+def test_only_a_workers_transaction_takes_an_id_at_begin(pg_url, tmp_path, isolation):
+    """The items reader and jobrunner's own sessions begin without an id, or
+    a transaction left open (a generator items()) would hold back VACUUM
+    with one. At read_committed they share the workers' level, so those runs
+    keep psycopg2's transactions (and read the id just before COMMIT)."""
     from jobrunner import config as configmod
     from jobrunner import db as dbmod
 
-    config = configmod.load({"database_url": pg_url, "isolation": "read_committed"}, environ={}, cwd=tmp_path)
+    config = configmod.load({"database_url": pg_url, "isolation": isolation}, environ={}, cwd=tmp_path)
     database = dbmod.open_database(config, "job", workers=1)
     assigned = text("SELECT txid_current_if_assigned()")
     try:
         with database.reader() as reader, database.bookkeeping() as own, database.session() as worker:
             assert reader.scalar(assigned) is None
             assert own.scalar(assigned) is None
-            assert worker.scalar(assigned) is not None
+            took = worker.scalar(assigned) is not None
     finally:
         database.dispose()
+    assert took == (isolation == "repeatable_read")
