@@ -290,7 +290,10 @@ def open_database(config: Config, job: str, *, workers: int = 1, create: bool = 
     event.listen(factory, "after_begin", _check_owner)
     database = Database(url, engine, factory, dialect, job, isolation, name)
     try:
-        with engine.connect() as conn:
+        # AUTOCOMMIT: no transaction, so no transaction id before the lock is
+        # taken (on PostgreSQL a worker's BEGIN takes one, and the run that
+        # takes the lock ends every transaction of the job's name that has one).
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             if dialect == "postgresql" and create:
                 check_connection_slots(conn, pool_size + 1, workers, config.origin("workers"))
             elif family(dialect) == "mysql" and create:
