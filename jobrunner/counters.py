@@ -45,17 +45,23 @@ class Counters:
                 self.rolled_back += max(0, self.in_flight)
             return self.rolled_back
 
-    def committed(self, items: int) -> None:
+    def committed(self, items: int, *, chunk: int = 0) -> None:
+        """``items`` of the job's committed; ``chunk``: as a chunk of that many
+        (see :meth:`chunk`), counted under the same lock."""
         with self._lock:
             self.succeeded += items
             self.commits += 1
             self.last_item_at = time.monotonic()
+            if chunk:
+                self._chunk(chunk)
 
-    def dry_committed(self, items: int) -> None:
+    def dry_committed(self, items: int, *, chunk: int = 0) -> None:
         """A dry run's chunk ended well (and was rolled back, as all of it is)."""
         with self._lock:
             self.succeeded += items
             self.last_item_at = time.monotonic()
+            if chunk:
+                self._chunk(chunk)
 
     def failure(self, item_repr: str, error_line: str) -> int:
         with self._lock:
@@ -68,8 +74,11 @@ class Counters:
     def chunk(self, items: int) -> None:
         """A chunk of ``items`` committed (its size, whatever failed in it)."""
         with self._lock:
-            count, total, low, high = self.chunks
-            self.chunks = [count + 1, total + items, min(low, items) if count else items, max(high, items)]
+            self._chunk(items)
+
+    def _chunk(self, items: int) -> None:
+        count, total, low, high = self.chunks
+        self.chunks = [count + 1, total + items, min(low, items) if count else items, max(high, items)]
 
     def chunk_sizes(self) -> dict[str, float] | None:
         with self._lock:

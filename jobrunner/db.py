@@ -573,22 +573,32 @@ def note_transaction_rollbacks(engine: Engine) -> None:
         conn.connection.info.pop(ROLLED_BACK_INFO, None)
 
 
-def work_lost(session: Session) -> bool:
-    """The session's transaction can no longer commit what the job did in it:
-    a statement failed, the job caught the error without raising it, and the
-    server had already given the transaction up. PostgreSQL then answers
-    COMMIT by rolling back, without an error; MySQL would commit only what
-    came after the error. Only asked where a transaction is open: an item
-    that sent nothing costs nothing here."""
+def transaction_connection(session: Session) -> Any:
+    """The pool's proxy of the connection the session's transaction runs on
+    (its ``info`` is that connection's); None while no transaction is open."""
     if not session.in_transaction():
+        return None
+    return session.connection().connection
+
+
+def work_lost(connection: Any) -> bool:
+    """The transaction on ``connection`` (see :func:`transaction_connection`)
+    can no longer commit what the job did in it: a statement failed, the job
+    caught the error without raising it, and the server had already given the
+    transaction up. PostgreSQL then answers COMMIT by rolling back, without an
+    error; MySQL would commit only what came after the error. None (no
+    transaction: the item sent nothing) costs nothing here."""
+    if connection is None:
         return False
-    proxy: Any = session.connection().connection
-    if proxy.info.get(ROLLED_BACK_INFO):
+    if connection.info.get(ROLLED_BACK_INFO):
         return True
-    status = getattr(proxy.dbapi_connection, "get_transaction_status", None)  # psycopg2's
-    return status is not None and status() == 3  # TRANSACTION_STATUS_INERROR
+    status = getattr(connection.dbapi_connection, "get_transaction_status", None)  # psycopg2's
+    return status is not None and status() == PSYCOPG2_IN_ERROR
 
 
+# psycopg2's transaction statuses (psycopg2.extensions), without importing it
+# where another driver is in use.
+PSYCOPG2_IDLE, PSYCOPG2_IN_ERROR = 0, 3
 XID_INFO = "jobrunner_xid"  # connection info: the id of the transaction jobrunner began on it
 STREAMED_INFO = "jobrunner_streamed"  # connection info: its transaction opened a server-side cursor
 _cursor_ids = itertools.count(1)
@@ -617,8 +627,7 @@ def own_transactions(engine: Engine, level: str) -> None:
     dialect: Any = engine.dialect
     if dialect.driver != "psycopg2":
         return  # another driver keeps its own transactions (and the id's round trip)
-    import psycopg2
-    from psycopg2 import extensions
+    import psycopg2.extensions
 
     set_level, get_level = dialect.set_isolation_level, dialect.get_isolation_level
     begin = f"BEGIN ISOLATION LEVEL {level}; SELECT txid_current()"
@@ -635,9 +644,12 @@ def own_transactions(engine: Engine, level: str) -> None:
     def raw(connection: Any) -> Any:
         return getattr(connection, "dbapi_connection", connection)  # the pool's proxy, or psycopg2's
 
-    def ours(connection: Any) -> bool:
-        found = raw(connection)
+    def begins(found: Any) -> bool:
+        """``found`` (psycopg2's connection) is one whose transactions jobrunner begins."""
         return bool(getattr(found, "jobrunner_begins", False) and found.autocommit)
+
+    def ours(connection: Any) -> bool:
+        return begins(raw(connection))
 
     def info(connection: Any) -> dict[str, Any]:
         # The pool's proxy carries the connection's info; SQLAlchemy's first
@@ -648,8 +660,8 @@ def own_transactions(engine: Engine, level: str) -> None:
             found = None
         return found if isinstance(found, dict) else {}
 
-    def send(connection: Any, statement: str) -> Any:
-        cursor = raw(connection).cursor()
+    def send(found: Any, statement: str) -> Any:
+        cursor = found.cursor()
         try:
             cursor.execute(statement)
             return cursor.fetchone()[0] if cursor.description else None
@@ -672,28 +684,32 @@ def own_transactions(engine: Engine, level: str) -> None:
     def get_isolation_level(connection: Any) -> str:
         return level if ours(connection) else str(get_level(connection))
 
-    def in_transaction(connection: Any) -> bool:
-        return bool(raw(connection).info.transaction_status != extensions.TRANSACTION_STATUS_IDLE)
-
+    # BEGIN, COMMIT and ROLLBACK run once per item: each looks its
+    # connection up once.
     def do_begin(connection: Any) -> None:
-        if ours(connection):
-            info(connection)[XID_INFO] = send(connection, begin)
+        found = raw(connection)
+        if begins(found):
+            info(connection)[XID_INFO] = send(found, begin)
 
     def do_commit(connection: Any) -> None:
-        info(connection).pop(XID_INFO, None)
-        streamed = info(connection).pop(STREAMED_INFO, False)
-        if not ours(connection) or raw(connection).closed:
+        notes = info(connection)
+        notes.pop(XID_INFO, None)
+        streamed = notes.pop(STREAMED_INFO, False)
+        found = raw(connection)
+        if not begins(found) or found.closed:
             connection.commit()  # psycopg2's own, and its error for a closed connection
-        elif in_transaction(connection):
-            send(connection, "CLOSE ALL; COMMIT" if streamed else "COMMIT")
+        elif found.get_transaction_status() != PSYCOPG2_IDLE:
+            send(found, "CLOSE ALL; COMMIT" if streamed else "COMMIT")
 
     def do_rollback(connection: Any) -> None:
-        info(connection).pop(XID_INFO, None)
-        info(connection).pop(STREAMED_INFO, None)  # ROLLBACK drops the transaction's cursors
-        if not ours(connection) or raw(connection).closed:
+        notes = info(connection)
+        notes.pop(XID_INFO, None)
+        notes.pop(STREAMED_INFO, None)  # ROLLBACK drops the transaction's cursors
+        found = raw(connection)
+        if not begins(found) or found.closed:
             connection.rollback()
-        elif in_transaction(connection):
-            send(connection, "ROLLBACK")
+        elif found.get_transaction_status() != PSYCOPG2_IDLE:
+            send(found, "ROLLBACK")
 
     class Context(dialect.execution_ctx_cls):
         def create_server_side_cursor(self) -> Any:

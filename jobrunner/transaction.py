@@ -30,7 +30,15 @@ from sqlalchemy.orm import Session
 from jobrunner import attempt
 from jobrunner.attempt import ChunkSize, Do, Verdict
 from jobrunner.counters import Counters
-from jobrunner.db import BEGAN_INFO, UNDONE_BY_JOB, XID_INFO, job_code, work_lost
+from jobrunner.db import (
+    BEGAN_INFO,
+    JOB_CODE,
+    PSYCOPG2_IDLE,
+    UNDONE_BY_JOB,
+    XID_INFO,
+    transaction_connection,
+    work_lost,
+)
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
@@ -64,6 +72,9 @@ WORK_LOST = (
 )
 
 
+_NO_SCOPE = contextlib.nullcontext()  # stateless, so one serves every worker
+
+
 class TxidCheck:
     """PostgreSQL can say afterwards whether a transaction committed: its id,
     and ``txid_status`` once the database is back. So a commit cut by a restart
@@ -75,21 +86,21 @@ class TxidCheck:
     IN_PROGRESS_WAIT_S = 0.2
     IN_PROGRESS_TRIES = 25  # the old backend may still be finishing its COMMIT
 
-    def mark(self, session: Session) -> Any:
-        """The transaction's id, or None if it sent nothing or wrote nothing."""
-        if not session.in_transaction():
-            return None
-        connection = session.connection()
-        proxy: Any = connection.connection
-        if XID_INFO in proxy.info:
-            return proxy.info[XID_INFO]
-        raw: Any = proxy.dbapi_connection
-        status = getattr(raw, "get_transaction_status", None)  # psycopg2's; asyncpg has none
-        if status is not None and status() == 0:
+    def mark(self, session: Session, connection: Any = None) -> Any:
+        """The transaction's id, or None if it sent nothing or wrote nothing.
+        ``connection``: the transaction's, if the caller has looked it up."""
+        if connection is None:
+            connection = transaction_connection(session)
+            if connection is None:
+                return None
+        if XID_INFO in connection.info:
+            return connection.info[XID_INFO]
+        status = getattr(connection.dbapi_connection, "get_transaction_status", None)  # psycopg2's
+        if status is not None and status() == PSYCOPG2_IDLE:
             return None  # psycopg2 is idle: nothing was sent, so nothing to settle
         # Through SQLAlchemy's connection (a lost connection is recognised as
         # one), without compiling a statement.
-        return connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
+        return session.connection().exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
 
     def committed(self, session: Session, mark: Any) -> bool | None:
         """True or False; None if the server cannot say (the id is too old)."""
@@ -236,7 +247,8 @@ class Unit:
                 if self.changes is not None:
                     self.changes.start(session)
                 failed = self._process(session, work)
-                if work_lost(session):
+                connection = transaction_connection(session)
+                if work_lost(connection):
                     raise ItemRolledBack(WORK_LOST)
                 good = [w for w in work if not any(w is f for f, _ in failed)] if failed else work
                 if failed:
@@ -245,13 +257,13 @@ class Unit:
                     self.keys.record(session, [item for item, _, _ in good])
                 if self.commit_check is not None:
                     # Before the verdict: nothing but COMMIT may come between the two.
-                    mark = self.commit_check.mark(session)
+                    # Recording failures may have begun the transaction since.
+                    mark = self.commit_check.mark(session, connection)
                 verdict = self.fence.verdict(epoch, wait=False) or self.blocking(self.fence.verdict, epoch)
                 if verdict is Verdict.COMMIT:
                     committing = True
-                    self._commit(session, len(good))
+                    self._commit(session, len(good), chunk=len(work))
                     self._failed_alone(failed)
-                    self.progress.chunk(len(work))
                     if tally.retries == 0:
                         self.chunk_size().committed(len(work))
                     return None
@@ -357,20 +369,26 @@ class Unit:
     def _run(self, session: Session, work: list, *, locate: bool = False) -> None:
         """The job's code on ``work``. ``locate``: an error of one item's own
         process() comes wrapped with its position (see attempt.split)."""
-        scope = self.in_hook(session) if self.in_hook is not None else contextlib.nullcontext()
-        with scope, job_code(session):
-            if self.batched and (len(work) > 1 or self.job.process is None):
-                self.job.process_batch(self.ctx, session, [value for _, _, value in work])
-                self._undone(session, "process_batch()" if len(work) > 1 else "process()")
-                return
-            for index, (_, _, value) in enumerate(work):
-                try:
-                    self.job.process(self.ctx, session, value)
-                    self._undone(session, "process()")
-                except Exception as error:
-                    if locate:
-                        raise _FailedAt(index, error) from error
-                    raise
+        scope = self.in_hook(session) if self.in_hook is not None else _NO_SCOPE
+        info = session.info
+        with scope:
+            info[JOB_CODE] = True  # db.job_code, inline: this runs once per item
+            try:
+                if self.batched and (len(work) > 1 or self.job.process is None):
+                    self.job.process_batch(self.ctx, session, [value for _, _, value in work])
+                    self._undone(session, "process_batch()" if len(work) > 1 else "process()")
+                    return
+                for index, (_, _, value) in enumerate(work):
+                    try:
+                        self.job.process(self.ctx, session, value)
+                        if UNDONE_BY_JOB in info:
+                            self._undone(session, "process()")
+                    except Exception as error:
+                        if locate:
+                            raise _FailedAt(index, error) from error
+                        raise
+            finally:
+                info.pop(JOB_CODE, None)
 
     @staticmethod
     def _undone(session: Session, hook: str) -> None:
@@ -387,8 +405,9 @@ class Unit:
         for (item, token, _), error in failed:
             self.on_failure(item, token, error, True)
 
-    def _commit(self, session: Session, count: int) -> None:
-        """Commit; ``count`` items of it are the job's (the rest failed alone)."""
+    def _commit(self, session: Session, count: int, *, chunk: int) -> None:
+        """Commit a chunk of ``chunk`` items; ``count`` of them are the job's
+        (the rest failed alone)."""
         if self.before_commit is not None:
             self.before_commit(session)
         began = None
@@ -397,9 +416,11 @@ class Unit:
         session.commit()
         if self.changes is not None:  # a dry run: the savepoint was released
             self.changes.keep(session)
-            self.progress.dry_committed(count)
+            self.progress.dry_committed(count, chunk=chunk)
         elif count:
-            self.progress.committed(count)
+            self.progress.committed(count, chunk=chunk)
+        else:
+            self.progress.chunk(chunk)
         if self.watch_sqlite_lock is not None and began is not None:
             if self.watch_sqlite_lock(time.monotonic() - began, count):
                 self.watch_sqlite_lock = None  # said once: stop timing
