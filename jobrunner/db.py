@@ -630,7 +630,9 @@ def own_transactions(engine: Engine, level: str) -> None:
     import psycopg2.extensions
 
     set_level, get_level = dialect.set_isolation_level, dialect.get_isolation_level
-    begin = f"BEGIN ISOLATION LEVEL {level}; SELECT txid_current()"
+    begin = f"BEGIN ISOLATION LEVEL {level}"
+    begin_with_id = f"{begin}; SELECT txid_current()"
+    dialect.jobrunner_wants_ids = True  # see transaction_ids
 
     class Connection(psycopg2.extensions.connection):
         """psycopg2's connection, which can say whether jobrunner begins its transactions."""
@@ -689,7 +691,10 @@ def own_transactions(engine: Engine, level: str) -> None:
     def do_begin(connection: Any) -> None:
         found = raw(connection)
         if begins(found):
-            info(connection)[XID_INFO] = send(found, begin)
+            if dialect.jobrunner_wants_ids:
+                info(connection)[XID_INFO] = send(found, begin_with_id)
+            else:
+                send(found, begin)
 
     def do_commit(connection: Any) -> None:
         notes = info(connection)
@@ -722,6 +727,17 @@ def own_transactions(engine: Engine, level: str) -> None:
     dialect.execution_ctx_cls = Context
     dialect.set_isolation_level, dialect.get_isolation_level = set_isolation_level, get_isolation_level
     dialect.do_begin, dialect.do_commit, dialect.do_rollback = do_begin, do_commit, do_rollback
+
+
+def transaction_ids(engine: Engine, *, wanted: bool) -> None:
+    """Whether the items' BEGIN asks for the transaction's id (see
+    :func:`own_transactions`). Only a run that settles a commit cut by a
+    restart by that id needs it: resume keys settle one by themselves. Asking
+    costs a statement in every item's BEGIN (BENCHMARKS.md, section 16), so
+    such runs do not ask."""
+    dialect: Any = engine.dialect
+    if hasattr(dialect, "jobrunner_wants_ids"):
+        dialect.jobrunner_wants_ids = wanted
 
 
 def _pool_args(pool: Any, pool_size: int, max_overflow: int) -> dict[str, Any]:

@@ -217,6 +217,8 @@ class _Run:
         self.async_database: Any = None  # and its aio.AsyncDatabase
         self.changes: dryrun.ChangeCounter | None = None
         self.opening = history.Opening(None, None, frozenset())
+        self.keys: history.KeyRecorder | None = None  # resume keys, once the run is open
+        self.commit_check: TxidCheck | None = None
         self.checkpoints = history.Checkpoints(self.recorder, self.progress, by_workers=database.is_sqlite)
         self.helpers_remain = False
         self.config_error: ConfigError | None = None  # items() yielded an item that cannot travel
@@ -236,6 +238,9 @@ class _Run:
             with self._hold():
                 self.role.open()
                 self.ctx = dataclasses.replace(self.ctx, run_id=self.opening.run_id)
+                self.keys, self.commit_check = self._settling()
+                # Before setup: only a run that settles by the id asks for it.
+                dbmod.transaction_ids(self.database.engine, wanted=self.commit_check is not None)
                 signals = catch_signals(
                     self.stop, self.reporter.notice, self.config.shutdown_timeout, leaving=self._leaving
                 )
@@ -429,8 +434,6 @@ class _Run:
                 return
 
     def _unit(self, feed: Feed) -> Unit:
-        run_id, key_of = self.opening.run_id, self.job.item_key
-        keys = history.KeyRecorder(run_id, key_of) if key_of and run_id and not self.config.dry_run else None
         watch = self.database.is_sqlite and self.config.workers > 1 and not self.config.dry_run
         return Unit(
             job=self.job,
@@ -441,12 +444,12 @@ class _Run:
             stop=self.stop,
             progress=self.progress,
             retries=self.config.retries,
-            keys=keys,
+            keys=self.keys,
             on_failure=self._item_failed,
             changes=self.changes,
             watch_sqlite_lock=SqliteLockWatch(self.reporter.notice) if watch else None,
             before_commit=None if self.config.dry_run else self.checkpoints.in_transaction,
-            commit_check=self._commit_check(),
+            commit_check=self.commit_check,
             batch_size=self.config.batch_size,
             adapt=not self.config.fixed_batch_size,
             in_hook=self.in_hook,
@@ -454,9 +457,15 @@ class _Run:
             one_chunk_size=self.loop is not None,
         )
 
-    def _commit_check(self) -> TxidCheck | None:
-        """PostgreSQL settles a commit cut by an outage; a dry run never commits."""
-        return TxidCheck() if self.database.family == "postgresql" and not self.config.dry_run else None
+    def _settling(self) -> tuple[history.KeyRecorder | None, TxidCheck | None]:
+        """How a commit cut by an outage is settled: by the item's resume key,
+        or else on PostgreSQL by the transaction's id. A dry run never commits."""
+        if self.config.dry_run:
+            return None, None
+        run_id, key_of = self.opening.run_id, self.job.item_key
+        if key_of and run_id:
+            return history.KeyRecorder(run_id, key_of), None
+        return None, TxidCheck() if self.database.family == "postgresql" else None
 
     def _filter(self) -> ItemFilter:
         return ItemFilter(

@@ -20,7 +20,7 @@ from helpers import (
     wait_for_rows,
 )
 from jobkit import PAGED, TWO_ROWS
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 pytestmark = pytest.mark.postgres
 
@@ -84,6 +84,34 @@ def test_commits_cut_by_restarts_are_settled_without_item_key(spawn, write_job, 
     assert json.loads(out)["failed"] == 0
     assert err.count("the database is back") >= 2, err
     effects_exactly_once(own_pg_url, 12000)
+
+
+@pytest.mark.parametrize("case", ["no item_key", "item_key"])
+def test_only_a_run_settled_by_transaction_id_asks_for_the_id_at_begin(
+    cli, write_job, pg_url, pg_server_log, case
+):
+    """The id costs a statement in every item's BEGIN (BENCHMARKS.md, section
+    16). Resume keys settle a commit cut by a restart without it: such a run
+    begins without it. (A dry run is one transaction of psycopg2's own.)"""
+    if pg_server_log is None:
+        pytest.skip("the server's log is not ours to read")
+    key = "\ndef item_key(item):\n    return str(item)\n" if case == "item_key" else ""
+    write_job("nokey", NO_KEY + key)
+    execute(pg_url, f"ALTER DATABASE {make_url(pg_url).database} SET log_statement = 'all'")
+    log_from = pg_server_log.stat().st_size
+    out = cli("run", "nokey", "--database-url", pg_url, "-w", "2", "--param", "n=30", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["succeeded"] == 30
+    with pg_server_log.open(errors="replace") as log:
+        log.seek(log_from)
+        statements = [line.split("statement: ", 1)[1].strip() for line in log if "statement: " in line]
+    begins = [s for s in statements if s.startswith("BEGIN ISOLATION LEVEL REPEATABLE READ")]
+    asking = [s for s in begins if "txid_current()" in s]
+    assert len(begins) >= 30, [s for s in statements if "BEGIN" in s]
+    if case == "no item_key":
+        assert len(asking) == len(begins), begins
+    else:
+        assert asking == [], asking
 
 
 def test_an_immediate_stop_with_the_server_back_after_seconds(spawn, write_job, own_pg, own_pg_url):
