@@ -6,6 +6,8 @@ holds a lock in an open transaction for the whole run. Nothing is leased or
 expires: the lock ends with that transaction, at the end of the run, or when
 the database sees the process die.
 
+What each database holds (its SQL is in ``lockstore.py``):
+
 - PostgreSQL, ``lock = "row"`` (default): the job's row of ``jobrunner_locks``
   locked ``FOR UPDATE SKIP LOCKED``. The row is inserted first in a
   transaction of its own (a lock on a missing row excludes no one), so "no
@@ -34,26 +36,23 @@ lost and the run stops (exit 69).
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import delete, exc, func, select, text
-from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy import exc, func, select, text
 
 from jobrunner import db as dbmod
 from jobrunner import tables
 from jobrunner.attempt import Verdict
 from jobrunner.exceptions import DatabaseUnavailable, JobrunnerError, LockHeld, RunOver
-from jobrunner.outage import Kind, classify, is_sqlite_busy, mysql_code
+from jobrunner.lockstore import LockStore, backend_identity, helpers_key, lock_store
+from jobrunner.outage import Kind, classify
 from jobrunner.result import Status
 from jobrunner.stop import Stop
 
@@ -64,11 +63,6 @@ LEADER_GRACE_BEATS = 5
 HOLDER_WAIT_S = 3.0
 FORGET_HOLDER_WAIT_S = 0.5
 RETAKE_BACKOFF_CAP_S = 2.0
-
-
-def advisory_key(job: str) -> int:
-    digest = hashlib.blake2b(f"jobrunner:{job}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 class _Heartbeat:
@@ -115,6 +109,11 @@ class _Heartbeat:
         self._release = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+
+    @functools.cached_property
+    def store(self) -> LockStore:
+        """The lock's SQL for this database."""
+        return lock_store(self.database)
 
     # -- the owner thread's side -------------------------------------------
     def __enter__(self) -> Any:
@@ -245,7 +244,7 @@ class _Heartbeat:
     def _beat(self, session: Any, backend: Any) -> str | None:
         """None while the right holds, else why not."""
         try:
-            current = session.scalar(text("SELECT 1") if backend is None else backend_query(self.database))
+            current = session.scalar(text("SELECT 1") if backend is None else self.store.backend_query())
         except Exception as error:  # noqa: BLE001 - any failure means the lock is gone
             return f"the {self.connection} failed: {dbmod.describe_error(error)}"
         if backend is not None and current != backend:
@@ -360,7 +359,7 @@ class Guard(_Heartbeat):
             retake_within=retake_within,
             notice=notice,
         )
-        self.mode = "file" if database.is_sqlite else mode
+        self.mode = self.store.mode(mode)
         self.wait = wait
         self.record_holder = record_holder
         self.on_retake = on_retake
@@ -373,13 +372,13 @@ class Guard(_Heartbeat):
             wait = self.wait if initial else 0.0
             deadline = time.monotonic() + wait
             if self.mode == "row":
-                self._ensure_row(session)
-            while not try_lock(session, self.job, self.mode):
+                self.store.ensure_row(session, self.job)
+            while not self.store.try_lock(session, self.job, self.mode):
                 session.rollback()
                 if time.monotonic() >= deadline:
                     raise LockHeld(self.job, self._holder())
                 time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
-            pid, self.backend = self._backend_id(session)
+            pid, self.backend = self.store.backend(session, self.mode)
             if self.record_holder:
                 self._write_holder()
             if not initial and self.on_retake is not None and self._still_ours():
@@ -389,49 +388,23 @@ class Guard(_Heartbeat):
             _close_quietly(session)
             raise
 
-    def _ensure_row(self, session: Any) -> None:
-        if self.database.family == "mysql":
-            # Look first: InnoDB's duplicate check takes a lock on the existing
-            # row, so INSERT IGNORE would wait behind the holder's FOR UPDATE.
-            if session.scalar(select(func.count()).where(tables.locks.c.job == self.job)):
-                session.commit()
-                return
-            insert: Any = mysql.insert(tables.locks).values(job=self.job).prefix_with("IGNORE")
-        else:
-            insert = postgresql.insert(tables.locks).values(job=self.job).on_conflict_do_nothing()
-        session.execute(insert)
-        session.commit()
-
     def _let_go(self, session: Any) -> None:
         if self._since is not None:  # this run wrote a holder row (record_holder)
             self._forget_holder()
-        if self.mode == "advisory" and self.database.family == "mysql":
-            release_advisory(session, self.job)
+        self.store.let_go(session, self.job, self.mode)
 
     def _forget_holder(self) -> None:
         # While the lock is still held: a loser that finds no row knows the
         # winner has yet to write its own and waits for it (_holder), where a
         # row left behind would name a run that has ended. Only a run that
         # died keeps its row, until the next one writes over it.
-        statement = delete(tables.lock_holders).where(
-            tables.lock_holders.c.job == self.job,
-            tables.lock_holders.c.pid == os.getpid(),
-            tables.lock_holders.c.host == socket.gethostname(),
-        )
         try:
             # Impatient: on SQLite, items abandoned at --shutdown-timeout may
             # hold the write lock until the process leaves (a 30 s wait, seen).
             with self.database.impatient_session(FORGET_HOLDER_WAIT_S) as session, session.begin():
-                session.execute(statement)
+                self.store.forget_holder(session, self.job)
         except exc.DBAPIError as error:
             log.info("cannot clear the lock's holder: %s", dbmod.describe_error(error))
-
-    def _backend_id(self, session: Any) -> tuple[Any, str | None]:
-        if self.mode == "file":
-            return None, None
-        if self.database.family == "mysql":
-            return session.scalar(backend_query(self.database)), None
-        return backend_identity(session)
 
     def _holder(self) -> dict[str, Any]:
         """Who holds the lock. A winner writes its row just after it takes the
@@ -447,52 +420,8 @@ class Guard(_Heartbeat):
         # connection is the same run, and status must not say it began then.
         if self._since is None:
             self._since = datetime.now(UTC).replace(tzinfo=None)
-        values = {"host": socket.gethostname(), "pid": os.getpid(), "since": self._since}
-        if self.database.family == "mysql":
-            statement = mysql.insert(tables.lock_holders).values(job=self.job, **values)
-            statement = statement.on_duplicate_key_update(**values)
-        else:
-            dialect = postgresql if not self.database.is_sqlite else sqlite
-            statement = dialect.insert(tables.lock_holders).values(job=self.job, **values)
-            statement = statement.on_conflict_do_update(index_elements=["job"], set_=values)
         with self.database.bookkeeping() as session, session.begin():
-            session.execute(statement)
-
-
-def backend_query(database: dbmod.Database) -> Any:
-    """The statement that names this connection's server process."""
-    if database.family == "mysql":
-        return select(func.connection_id())
-    return select(func.pg_backend_pid())
-
-
-# MySQL/MariaDB: what FOR UPDATE NOWAIT raises when another session holds the
-# row. MySQL 8: ER_LOCK_NOWAIT (3572). MariaDB: ER_LOCK_WAIT_TIMEOUT (1205),
-# raised at once under NOWAIT. Only for the guard's own statement is it "held".
-MYSQL_LOCK_HELD = {3572, 1205}
-
-
-def mysql_lock_name(job: str) -> str:
-    """GET_LOCK names are at most 64 characters."""
-    return f"jobrunner:{advisory_key(job):x}"
-
-
-def release_advisory(session: Any, job: str) -> None:
-    session.execute(select(func.release_lock(mysql_lock_name(job))))
-
-
-def backend_identity(session: Any) -> tuple[int, str]:
-    """This connection's backend pid, and ``pid@backend_start``: unlike a pid
-    alone, never reused by a later connection."""
-    pid, started = session.execute(
-        text("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-    ).one()
-    return pid, f"{pid}@{started.isoformat()}"
-
-
-def helpers_key(job: str) -> int:
-    """The advisory key every helper of a run of ``job`` holds, shared, while it may commit."""
-    return advisory_key(f"helpers:{job}")
+            self.store.write_holder(session, self.job, self._since)
 
 
 def helpers_still_working(database: dbmod.Database, job: str) -> bool:
@@ -596,40 +525,6 @@ class HelperFence(_Heartbeat):
         return self.ended_as in (Status.SUCCEEDED.value, Status.FAILED.value)
 
 
-def try_lock(session: Any, job: str, mode: str) -> bool:
-    """Take the job's lock in ``session``'s transaction if it is free; never waits."""
-    mysql_family = session.get_bind().dialect.name in ("mysql", "mariadb")
-    try:
-        if mode == "file":
-            session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE, no busy timeout
-            return True
-        if mode == "advisory" and mysql_family:
-            # A session lock, not a transaction's: released by RELEASE_LOCK or
-            # when the connection ends (see Guard._let_go).
-            return session.scalar(select(func.get_lock(mysql_lock_name(job), 0))) == 1
-        if mysql_family:
-            row = session.execute(
-                select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(nowait=True)
-            ).first()
-            return row is not None
-        # PostgreSQL: the advisory key in either mode, so that a run under the row
-        # lock and one under the advisory lock (a distributed run's leader
-        # always takes it, see roles.Leading) exclude each other.
-        advisory = bool(session.scalar(select(func.pg_try_advisory_xact_lock(advisory_key(job)))))
-        if mode == "advisory" or not advisory:
-            return advisory
-        row = session.execute(
-            select(tables.locks.c.job).where(tables.locks.c.job == job).with_for_update(skip_locked=True)
-        ).first()
-        return row is not None
-    except exc.OperationalError as error:
-        if mode == "file" and is_sqlite_busy(error):
-            return False
-        if mysql_family and mysql_code(error) in MYSQL_LOCK_HELD:
-            return False
-        raise
-
-
 class RunFence:
     """What a worker asks before each commit: the guard (if any), plus the
     run's own reasons to commit nothing more (a lost lock, an outage past its
@@ -716,11 +611,7 @@ def read_holder(database: dbmod.Database, job: str) -> dict[str, Any]:
     """Who last took the job's lock: host, pid, since (local time)."""
     try:
         with database.reader() as session:
-            row = (
-                session.execute(select(tables.lock_holders).where(tables.lock_holders.c.job == job))
-                .mappings()
-                .first()
-            )
+            row = lock_store(database).read_holder(session, job)
     except exc.DBAPIError:
         return {}
     if row is None:
@@ -735,22 +626,21 @@ def read_holder(database: dbmod.Database, job: str) -> dict[str, Any]:
 def probe(database: dbmod.Database, job: str, mode: str = "row") -> dict[str, Any] | None:
     """The holder if a run holds the job's lock now, else None. Writes nothing:
     a missing lock row (or lock file) means no run has ever held it."""
-    if database.is_sqlite:
-        if not Path(dbmod.lock_database_path(database.url, job)).exists():
-            return None
-        mode = "file"
-    elif database.family == "postgresql":
-        mode = "advisory"  # every run on PostgreSQL holds the job's advisory key (see try_lock)
+    store = lock_store(database)
+    found = store.probe_mode(job, store.mode(mode))
+    if found is None:
+        return None
+    mode = found
     session = database.guard_session(job)
     try:
         if mode == "row":
-            exists = session.scalar(select(func.count()).where(tables.locks.c.job == job))
+            exists = store.has_row(session, job)
             session.rollback()
             if not exists:
                 return None
-        held = not try_lock(session, job, mode)
-        if not held and mode == "advisory" and database.family == "mysql":
-            release_advisory(session, job)
+        held = not store.try_lock(session, job, mode)
+        if not held:
+            store.let_go(session, job, mode)
         session.rollback()
     except exc.DBAPIError as error:
         raise DatabaseUnavailable(f"cannot read the job's lock: {dbmod.describe_error(error)}") from None
