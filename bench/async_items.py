@@ -8,9 +8,10 @@ itself (tests/pgserver.py):
 
 - I/O-bound: items whose prepare() waits 100 ms (asyncio.sleep in the async
   job, time.sleep in the threaded one), then one UPDATE; the async job at
-  --concurrency 1000 --workers 8 against the threaded job at 8, 32 and 128
-  workers. Items/s, the most connections the run held at once (sampled from
-  pg_stat_activity every 50 ms) and the run's peak RSS.
+  --concurrency 1000 --workers 8 (at batch 1, 50 and 100) against the
+  threaded job at 8, 32 and 128 workers (--threaded-workers). Items/s,
+  the most connections the run held at once (sampled from pg_stat_activity
+  every 50 ms) and the run's peak RSS.
 - Database-bound: one UPDATE per item at batch 1, and process_batch at batch
   1000, async (asyncpg) against threaded (psycopg2) at 4 and 16 workers, and
   raw asyncpg (executemany per 1000 in a transaction).
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--items", type=int, default=20000)
     parser.add_argument("--sqlite", action="store_true", help="only the SQLite section")
+    parser.add_argument("--io-only", action="store_true", help="only the I/O-bound section")
+    parser.add_argument("--threaded-workers", default="8,32,128", help="the threaded job's worker counts")
     options = parser.parse_args()
     n = options.items
     if options.sqlite:
@@ -182,24 +185,37 @@ def main() -> None:
         fresh_rows(url, n)
         io_cases = {
             "async, --concurrency 1000 --workers 8": ("bench_io_async", ["-c", "1000", "-w", "8"]),
-            "threads, --workers 8": ("bench_io", ["-w", "8"]),
-            "threads, --workers 32": ("bench_io", ["-w", "32"]),
-            "threads, --workers 128": ("bench_io", ["-w", "128"]),
+            **{
+                f"async, --concurrency 1000 --workers 8 --batch-size {b}": (
+                    "bench_io_async",
+                    ["-c", "1000", "-w", "8", "-b", str(b)],
+                )
+                for b in (50, 100)
+            },
+            **{
+                f"threads, --workers {w}": ("bench_io", ["-w", str(w)])
+                for w in map(int, options.threaded_workers.split(","))
+            },
         }
-        db_cases = {
-            "async, per item, -w 4": ("bench_db_async", ["-w", "4"]),
-            "threads, per item, -w 4": ("bench_db", ["-w", "4"]),
-            "async, per item, -w 16": ("bench_db_async", ["-w", "16"]),
-            "threads, per item, -w 16": ("bench_db", ["-w", "16"]),
-            "async, process_batch -b 1000, -w 4": ("bench_db_async", ["-w", "4", "-b", "1000"]),
-            "threads, process_batch -b 1000, -w 4": ("bench_db", ["-w", "4", "-b", "1000"]),
-        }
+        db_cases = (
+            {}
+            if options.io_only
+            else {
+                "async, per item, -w 4": ("bench_db_async", ["-w", "4"]),
+                "threads, per item, -w 4": ("bench_db", ["-w", "4"]),
+                "async, per item, -w 16": ("bench_db_async", ["-w", "16"]),
+                "threads, per item, -w 16": ("bench_db", ["-w", "16"]),
+                "async, process_batch -b 1000, -w 4": ("bench_db_async", ["-w", "4", "-b", "1000"]),
+                "threads, process_batch -b 1000, -w 4": ("bench_db", ["-w", "4", "-b", "1000"]),
+            }
+        )
         results: dict[str, list[dict]] = {name: [] for name in [*io_cases, *db_cases]}
         raw: list[float] = []
         for _ in range(options.runs):
             for name, (job, args) in {**io_cases, **db_cases}.items():
                 results[name].append(run(url, job, "--param", f"n={n}", *args))
-            raw.append(raw_asyncpg(url, n, 1000))
+            if db_cases:
+                raw.append(raw_asyncpg(url, n, 1000))
         print(f"I/O-bound: {n:,} items, prepare() waits 100 ms, then one UPDATE; median of {options.runs}")
         print()
         print("| run | items/s | connections at most | peak RSS (MB) |")
@@ -209,6 +225,8 @@ def main() -> None:
             rate = median([r["items_per_second"] for r in rows])
             rss = median([r["rss_mb"] for r in rows])
             print(f"| {name} | {rate:,.0f} | {max(r['connections'] for r in rows)} | {rss:.0f} |")
+        if not db_cases:
+            return
         print()
         print(f"Database-bound: {n:,} single-row UPDATEs; median of {options.runs}")
         print()

@@ -463,6 +463,8 @@ class Tasks:
         self.claims = claims
         self.task_scope = task_scope  # entered for the life of each task that runs job code (APP_CONTEXT)
         self.thread_name = thread_name
+        prepare = getattr(unit.job, "prepare", None)
+        self.awaits_prepare = prepare is not None and inspect.iscoroutinefunction(inspect.unwrap(prepare))
         self._taker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{thread_name}-take")
         self._done: concurrent.futures.Future[None] | None = None
         self._producer = Producer(f"{thread_name}-items")
@@ -544,6 +546,28 @@ class Tasks:
         if self._error is not None:
             raise self._error
 
+    async def _prepared(self, chunk: list[Any]) -> list[Any]:
+        """The chunk's ``prepare`` calls: an ``async def`` prepare for each
+        item of a chunk at once (each awaits on its own, so a chunk of 100
+        items that each wait 100 ms is ready in about 100 ms, not 10 s); the
+        items keep their order, and an item whose prepare raised is failed
+        alone (see ``Unit.prepare``)."""
+        if len(chunk) == 1 or not self.awaits_prepare:
+            return await greenlet_spawn(self.unit.prepare, chunk)
+        parts = [asyncio.ensure_future(greenlet_spawn(self.unit.prepare, [entry])) for entry in chunk]
+        try:
+            done = await asyncio.gather(*parts)
+        except BaseException:
+            # Cancelled (the run stops), or one part failed beyond the job's
+            # own error: end the others, and settle those that had finished
+            # (a part that raised settled itself).
+            for part in parts:
+                part.cancel()
+            ended = await asyncio.gather(*parts, return_exceptions=True)
+            self.unit.progress.settled(sum(1 for result in ended if not isinstance(result, BaseException)))
+            raise
+        return [entry for part in done for entry in part]
+
     async def _claiming(self) -> None:
         """A distributed run: ``workers`` tasks, each looping as a worker
         thread does (claim a chunk in its session's transaction, then its
@@ -578,7 +602,7 @@ class Tasks:
             await self._prepare_and_transact(chunk)
 
     async def _prepare_and_transact(self, chunk: list[Any]) -> None:
-        work = await greenlet_spawn(self.unit.prepare, chunk)  # holds no connection
+        work = await self._prepared(chunk)  # holds no connection
         if not work:
             self.unit.transact(None, chunk, work)
             return

@@ -105,6 +105,79 @@ def test_concurrency_bounds_items_in_flight_and_workers_bound_connections(cli, w
     assert 0 < peak_connections[0] <= 4 + 5, peak_connections[0]
 
 
+AWAITING = """
+import asyncio
+from sqlalchemy import text
+
+state = {"awaiting": 0, "most": 0}
+
+async def setup(ctx, session):
+    await session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL, most INTEGER)"))
+
+async def items(ctx, session):
+    return range(int(ctx.params["n"]))
+
+async def prepare(ctx, item):
+    state["awaiting"] += 1
+    state["most"] = max(state["most"], state["awaiting"])
+    try:
+        await asyncio.sleep(float(ctx.params.get("wait", 0.05)))
+        if item == 7:
+            raise ValueError("item 7 cannot be prepared")
+    finally:
+        state["awaiting"] -= 1
+    return item
+
+async def process(ctx, session, item):
+    await session.execute(text("INSERT INTO effects VALUES (:i, :m)"), {"i": item, "m": state["most"]})
+"""
+
+
+def test_an_async_chunks_prepares_await_at_once_within_the_concurrency_bound(cli, write_job, db_url):
+    """At --concurrency 40 --batch-size 40 one chunk is in flight at a time: its
+    items' prepare() calls await together (one after another, 40 items that
+    each wait would make each chunk wait 40 times as long), never more than
+    40 at once; the item whose prepare raised fails alone."""
+    write_job("awaiting", AWAITING)
+    out = cli(
+        "run", "awaiting", "--database-url", db_url, "--param", "n=200",
+        "--concurrency", "40", "--batch-size", "40", "--fixed-batch-size", "--workers", "2", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (199, 1)
+    assert summary["failures"] == [{"item": "7", "error": "ValueError: item 7 cannot be prepared"}]
+    assert_each_once(db_url, 200, missing=frozenset({7}))
+    [(most,)] = query(db_url, "SELECT max(most) FROM effects")
+    assert 1 < most <= 40, most
+    assert "Traceback" not in out.stderr and "never awaited" not in out.stderr
+
+
+def test_a_stop_past_the_shutdown_timeout_cancels_a_chunks_prepares_and_counts_them_once(
+    spawn, write_job, sqlite_url
+):
+    """SIGTERM while a chunk's 40 prepare() calls await together, with
+    --shutdown-timeout 1: they are cancelled, the chunk is rolled back (counted
+    once), and the run exits 143 at once, without a traceback or a warning."""
+    write_job("awaiting", AWAITING)
+    run = spawn(
+        "run", "awaiting", "--database-url", sqlite_url, "--param", "n=100", "--param", "wait=60",
+        "--concurrency", "40", "--batch-size", "40", "--fixed-batch-size", "--shutdown-timeout", "1",
+        "--json",
+    )  # fmt: skip
+    wait_for_rows(sqlite_url, "jobrunner_runs", minimum=1)
+    time.sleep(1.5)  # the first chunk's prepares are awaiting their 60 s
+    t0 = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    rc, out, err = finish(run, timeout=30)
+    assert rc == 143, err
+    assert time.monotonic() - t0 < 15
+    summary = json.loads(out)
+    assert (summary["succeeded"], summary["failed"], summary["rolled_back"]) == (0, 0, 40), summary
+    assert query(sqlite_url, "SELECT count(*) FROM effects") == [(0,)]
+    assert "Traceback" not in err and "never awaited" not in err and "destroyed" not in err
+
+
 def test_an_async_dry_run_changes_nothing_and_reports_what_it_would(cli, write_job, db_url):
     write_job("arecord", ASYNC_RECORD)
     made = cli("run", "arecord", "--database-url", db_url, "--param", "n=0")  # the table, empty
