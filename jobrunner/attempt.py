@@ -160,6 +160,18 @@ def isolate(items: int) -> list[int]:
 
 # Clean commits at one chunk size before a worker lets it grow.
 GROW_AFTER = 4
+GROW_AFTER_MAX = 1024  # clean commits before a probe, after probes that kept failing
+GROW_AFTER_DEADLOCK = 256  # and at least this many after a deadlock
+
+
+class Pace:
+    """How many clean commits a worker waits before it tries a larger chunk:
+    shared by the workers of a run, so that what one learns (a larger chunk
+    keeps conflicting) spares the others the same lesson. Plain attribute
+    updates: a race between workers only moves a probe by a commit."""
+
+    def __init__(self) -> None:
+        self.grow_after = GROW_AFTER
 
 
 class ChunkSize:
@@ -171,20 +183,41 @@ class ChunkSize:
     throws all of it away: smaller chunks hold fewer locks for less time, so
     they conflict less, and lose less when they do; growing slowly past the
     size that last conflicted keeps the worker from finding that size again
-    at once. Fixed (``adapt=False``) it stays at the ceiling."""
+    at once. Fixed (``adapt=False``) it stays at the ceiling.
 
-    def __init__(self, ceiling: int, *, adapt: bool = True) -> None:
+    A deadlock sends it to 1 at once, and the next larger chunk waits for at
+    least GROW_AFTER_DEADLOCK clean commits: a deadlock says the chunk's lock
+    order crossed another transaction's, which any chunk of two or more
+    hot-row items can do again, and each costs the server's deadlock_timeout
+    (a second by default) for this chunk, the transaction it met, and every
+    transaction queued behind their locks. A size grown to that conflicts before it has
+    grown again was a failed probe: the next probe, by any worker of the run
+    (they share ``pace``), waits for twice as many clean commits, up to
+    GROW_AFTER_MAX. A probe that holds brings the usual pace back."""
+
+    def __init__(self, ceiling: int, *, adapt: bool = True, pace: Pace | None = None) -> None:
         self.ceiling = ceiling
         self.adapt = adapt
         self.size = ceiling
         self.threshold = ceiling
+        self.pace = pace if pace is not None else Pace()
         self._clean = 0
+        self._probing = False  # the size was grown to, and has not grown again since
 
-    def conflict(self) -> int:
+    @property
+    def grow_after(self) -> int:
+        return self.pace.grow_after
+
+    def conflict(self, *, deadlock: bool = False) -> int:
         """A chunk failed on a conflict: the size to go on with."""
         if self.adapt:
-            self.size = self.threshold = max(1, self.size // 2)
+            if self._probing:
+                self.pace.grow_after = min(GROW_AFTER_MAX, self.pace.grow_after * 2)
+            if deadlock:
+                self.pace.grow_after = max(self.pace.grow_after, GROW_AFTER_DEADLOCK)
+            self.size = self.threshold = 1 if deadlock else max(1, self.size // 2)
             self._clean = 0
+            self._probing = False
         return self.size
 
     def committed(self, items: int) -> None:
@@ -192,10 +225,13 @@ class ChunkSize:
         if not self.adapt or self.size >= self.ceiling or items < self.size:
             return
         self._clean += 1
-        if self._clean >= GROW_AFTER:
+        if self._clean >= self.pace.grow_after:
+            if self._probing:
+                self.pace.grow_after = GROW_AFTER  # the size grown to held
             grown = min(self.size * 2, self.threshold) if self.size < self.threshold else self.size + 1
             self.size = min(self.ceiling, max(grown, self.size + 1))
             self._clean = 0
+            self._probing = True
 
 
 def parts(work: list[T], size: int) -> list[list[T]]:

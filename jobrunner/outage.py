@@ -106,6 +106,16 @@ def is_sqlite_busy(error: BaseException) -> bool:
     )
 
 
+def is_deadlock(error: BaseException) -> bool:
+    """The database broke a deadlock by failing this transaction (PostgreSQL
+    40P01, MySQL 1213): the chunk's lock order crossed another's."""
+    return any(
+        sqlstate(link) == "40P01" or mysql_code(link) == 1213
+        for link in chain(error)
+        if isinstance(link, exc.DBAPIError)
+    )
+
+
 def classify(error: BaseException) -> Kind:
     """The one answer to "what kind of failure is this?" for the whole run."""
     for link in chain(error):

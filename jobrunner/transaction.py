@@ -42,7 +42,7 @@ from jobrunner.db import (
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
-from jobrunner.outage import Kind, Outage, backoff, classify
+from jobrunner.outage import Kind, Outage, backoff, classify, is_deadlock
 from jobrunner.result import safe_repr
 from jobrunner.stop import Stop
 
@@ -158,8 +158,9 @@ class Unit:
         self.batch_size, self.adapt = batch_size, adapt
         self.in_hook = in_hook  # the job's SCOPED_SESSION, bound to the session (see appcode.py)
         self._sizes = threading.local()  # each worker thread's ChunkSize
+        self._pace = attempt.Pace()  # shared by them
         # An async run's tasks share one thread, and so one ChunkSize.
-        self._one_size = ChunkSize(batch_size, adapt=adapt) if one_chunk_size else None
+        self._one_size = ChunkSize(batch_size, adapt=adapt, pace=self._pace) if one_chunk_size else None
         # How to wait (a backoff, an outage, a fence in doubt): in this thread,
         # or, on an event loop, in a thread of its own while the loop runs on.
         self.blocking: Callable[..., Any] = blocking or in_this_thread
@@ -193,7 +194,7 @@ class Unit:
             return self._one_size
         size = getattr(self._sizes, "size", None)
         if size is None:
-            size = self._sizes.size = ChunkSize(self.batch_size, adapt=self.adapt)
+            size = self._sizes.size = ChunkSize(self.batch_size, adapt=self.adapt, pace=self._pace)
         return size
 
     def _finish(self, session: Session, work: list, *, claimed: bool) -> None:
@@ -299,7 +300,11 @@ class Unit:
                 tally.retries += 1
                 self.progress.retry(len(work))
                 log.info("retrying %d item(s) after %s", len(work), error_line(error) if error else "?")
-                size = self.chunk_size().conflict() if len(work) > 1 else len(work)
+                size = (
+                    self.chunk_size().conflict(deadlock=error is not None and is_deadlock(error))
+                    if len(work) > 1
+                    else len(work)
+                )
                 if size < len(work):
                     # Smaller chunks from now on, this one included: the smaller
                     # chunk is the remedy, so no backoff first.

@@ -13,7 +13,7 @@ from sqlalchemy import exc
 
 from jobrunner import attempt
 from jobrunner.attempt import Do, Policy, Tally, Verdict
-from jobrunner.outage import Kind, classify
+from jobrunner.outage import Kind, classify, is_deadlock
 
 POLICY = Policy(retries=3)
 
@@ -155,6 +155,21 @@ def test_an_error_raised_while_handling_a_conflict_is_classified_by_its_cause():
         assert classify(error) is Kind.TRANSIENT
 
 
+@pytest.mark.parametrize(
+    ("error", "deadlock"),
+    [
+        (wrapped(_pg(psycopg2.errors.DeadlockDetected, "40P01")), True),
+        (wrapped(pymysql.err.OperationalError(1213, "Deadlock found")), True),
+        (wrapped(_pg(psycopg2.errors.SerializationFailure, "40001")), False),
+        (wrapped(pymysql.err.OperationalError(1205, "Lock wait timeout exceeded")), False),
+        (wrapped(sqlite3.OperationalError("database is locked")), False),
+        (ValueError("the job's own bug"), False),
+    ],
+)
+def test_a_deadlock_is_told_apart_from_other_conflicts(error, deadlock):
+    assert is_deadlock(error) is deadlock
+
+
 # -- chunk sizes under conflict ----------------------------------------------------------------
 def test_a_conflict_halves_the_chunk_size_down_to_one():
     size = attempt.ChunkSize(50)
@@ -189,6 +204,70 @@ def test_a_chunk_smaller_than_the_size_or_a_retried_one_does_not_grow_it():
     for _ in range(10 * attempt.GROW_AFTER):
         size.committed(3)  # the feed had only 3 items ready: says nothing of 25
     assert size.size == 25
+
+
+def test_a_size_that_keeps_conflicting_is_probed_ever_less_often():
+    """On rows that only single items share without a deadlock, every probe
+    at 2 costs a deadlock: each failed probe doubles the clean commits before
+    the next, up to GROW_AFTER_MAX."""
+    size = attempt.ChunkSize(100)
+    for _ in range(7):
+        size.conflict()  # 1
+    waits = []
+    for _ in range(12):
+        commits = 0
+        while size.size == 1:
+            size.committed(1)
+            commits += 1
+        waits.append(commits)
+        assert size.conflict() == 1  # the probe at 2 conflicts at once
+    assert waits[:4] == [4, 8, 16, 32]
+    assert waits[-1] == attempt.GROW_AFTER_MAX and max(waits) == attempt.GROW_AFTER_MAX
+
+
+def test_a_probe_that_holds_brings_back_the_usual_pace():
+    size = attempt.ChunkSize(100)
+    for _ in range(7):
+        size.conflict()
+    for _ in range(3):  # three failed probes: 32 clean commits before the next
+        while size.size == 1:
+            size.committed(1)
+        size.conflict()
+    while size.size == 1:
+        size.committed(1)
+    assert size.size == 2 and size.grow_after == 32
+    for _ in range(32):
+        size.committed(2)  # the probe at 2 holds, and 2 grows to 3
+    assert size.size == 3 and size.grow_after == attempt.GROW_AFTER
+    size.committed(3)
+    size.conflict()  # a conflict after a grown size held counts as a failed probe of 3 only
+    assert size.size == 1 and size.grow_after == 2 * attempt.GROW_AFTER
+
+
+def test_a_deadlock_sends_the_chunk_size_to_one_and_the_next_probe_far_off():
+    size = attempt.ChunkSize(100)
+    assert size.conflict(deadlock=True) == 1
+    commits = 0
+    while size.size == 1:
+        size.committed(1)
+        commits += 1
+    assert commits == attempt.GROW_AFTER_DEADLOCK
+
+
+def test_workers_sharing_a_pace_learn_from_each_others_failed_probes():
+    pace = attempt.Pace()
+    first, second = attempt.ChunkSize(8, pace=pace), attempt.ChunkSize(8, pace=pace)
+    for size in (first, second):
+        for _ in range(3):
+            size.conflict()  # 1
+    while first.size == 1:
+        first.committed(1)
+    first.conflict()  # first's probe at 2 failed
+    commits = 0
+    while second.size == 1:
+        second.committed(1)
+        commits += 1
+    assert commits == 2 * attempt.GROW_AFTER
 
 
 def test_a_fixed_chunk_size_stays_at_the_ceiling():
