@@ -159,6 +159,7 @@ class Unit:
         self.in_hook = in_hook  # the job's SCOPED_SESSION, bound to the session (see appcode.py)
         self._sizes = threading.local()  # each worker thread's ChunkSize
         self._pace = attempt.Pace()  # shared by them
+        self._savepoints = attempt.ItemSavepoints()  # shared too
         # An async run's tasks share one thread, and so one ChunkSize.
         self._one_size = ChunkSize(batch_size, adapt=adapt, pace=self._pace) if one_chunk_size else None
         # How to wait (a backoff, an outage, a fence in doubt): in this thread,
@@ -330,13 +331,27 @@ class Unit:
 
     def _process(self, session: Session, work: list) -> list[tuple[Any, BaseException]]:
         """Run the job's code on ``work`` in the open transaction; the items
-        that failed because of themselves, isolated (and undone) there."""
+        that failed because of themselves, isolated (and undone) there: by
+        splitting the chunk, or, while bad items keep coming
+        (attempt.ItemSavepoints), in groups of SAVEPOINT_EVERY items, each
+        in a savepoint of its own from the start, split the same way."""
         if len(work) == 1:
             self._run(session, work)
             return []
-        return self._isolating(session, work, whole=True)
+        if self.batched:  # process_batch takes the chunk whole
+            return self._isolating(session, work, whole=True)
+        if self._savepoints.on:
+            failed = []
+            for group in attempt.parts(work, attempt.SAVEPOINT_EVERY):
+                failed += self._isolating(session, group, whole=False, counted=True)
+        else:
+            failed = self._isolating(session, work, whole=True)
+        self._savepoints.chunk(bad=bool(failed))
+        return failed
 
-    def _isolating(self, session: Session, part: list, *, whole: bool) -> list[tuple[Any, BaseException]]:
+    def _isolating(
+        self, session: Session, part: list, *, whole: bool, counted: bool = False
+    ) -> list[tuple[Any, BaseException]]:
         """``part`` in a savepoint. If an item's own error fails it, undo just
         the savepoint and try the pieces attempt.split gives (around the item
         whose process() raised, or halves), down to single items: the claim
@@ -361,8 +376,9 @@ class Unit:
                 self.changes.rewind(session, undo)
             if classify(error) is not Kind.FATAL:
                 raise error from error.__cause__  # the item's own error, for the attempt's decision
-            if whole:
+            if whole or (counted and len(part) > 1):  # a failed chunk's items, or a failed group's
                 self.progress.replay(len(part))
+            if whole:
                 log.info("a chunk of %d items failed (%s): isolating its bad items", len(part), error)
             if len(part) == 1:
                 return [(part[0], error)]

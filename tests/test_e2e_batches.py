@@ -353,3 +353,26 @@ def test_a_chunk_whose_bad_item_is_known_is_split_around_it(cli, write_job, db_u
     items_once(db_url, [i for i in range(64) if i != 40])
     tries = [int(line) for line in (tmp_path / "tries.log").read_text().split()]
     assert tries == [*range(41), *range(40), 40, *range(41, 64)], tries
+
+
+def test_after_a_chunk_with_a_bad_item_the_next_run_in_savepointed_groups(cli, write_job, db_url, tmp_path):
+    """A trickle of bad items. The first chunk of 32 is split around its bad
+    item 5 (items 0-4 run twice); from then on a chunk runs in groups of 16,
+    each in a savepoint of its own, so bad item 40 costs a rerun of 32-39 (not
+    of 32-39 and, for bad item 50, of 41-49 again)."""
+    write_job("per_item", PER_ITEM_COUNTED)
+    out, summary = run_json(
+        cli, "run", "per_item", "--database-url", db_url, "-w", "1", "-b", "32",
+        "--param", "poison=5,40,50", "--max-failures", "10",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert (summary["succeeded"], summary["failed"], summary["commits"]) == (61, 3, 2)
+    assert sorted(int(f["item"]) for f in summary["failures"]) == [5, 40, 50]
+    assert summary["replayed"] == 32 + 16 + 16, "the failed chunk, then each failed group"
+    items_once(db_url, [i for i in range(64) if i not in (5, 40, 50)])
+    tries = [int(line) for line in (tmp_path / "tries.log").read_text().split()]
+    assert tries == [
+        *range(6), *range(5), 5, *range(6, 32),  # the first chunk, whole: split around 5
+        *range(32, 41), *range(32, 40), 40, *range(41, 48),  # its first group: split around 40
+        *range(48, 51), 48, 49, 50, *range(51, 64),  # its second group: around 50
+    ], tries  # fmt: skip

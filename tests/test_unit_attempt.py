@@ -290,3 +290,21 @@ def test_a_part_whose_failing_item_is_known_is_split_around_it():
     assert attempt.split(part, 9) == [list(range(9)), [9]]
     assert attempt.split(part, None) == attempt.halves(part)
     assert attempt.split(part, 99) == attempt.halves(part), "a position outside the part says nothing"
+
+
+def test_items_get_savepoints_of_their_own_while_bad_items_keep_coming():
+    savepoints = attempt.ItemSavepoints()
+    assert not savepoints.on  # a run starts without: they cost two statements per item
+    savepoints.chunk(bad=False)
+    assert not savepoints.on
+    savepoints.chunk(bad=True)
+    assert savepoints.on
+    for _ in range(attempt.SAVEPOINTS_CLEAN_CHUNKS - 1):
+        savepoints.chunk(bad=False)
+        assert savepoints.on
+    savepoints.chunk(bad=True)  # a bad item starts the count of clean chunks again
+    for _ in range(attempt.SAVEPOINTS_CLEAN_CHUNKS - 1):
+        savepoints.chunk(bad=False)
+    assert savepoints.on
+    savepoints.chunk(bad=False)
+    assert not savepoints.on
