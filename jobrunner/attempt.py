@@ -198,6 +198,9 @@ class ItemSavepoints:
 GROW_AFTER = 4
 GROW_AFTER_MAX = 1024  # clean commits before a probe, after probes that kept failing
 GROW_AFTER_DEADLOCK = 256  # and at least this many after a deadlock
+# How long a chunk of two or more items waits for a lock once its run has
+# seen a deadlock (PostgreSQL's lock_timeout; see ChunkSize.bounded_wait).
+BOUNDED_LOCK_WAIT_MS = 100
 
 
 class Pace:
@@ -208,6 +211,7 @@ class Pace:
 
     def __init__(self) -> None:
         self.grow_after = GROW_AFTER
+        self.deadlocked = False  # a chunk of this run has met a deadlock
 
 
 class ChunkSize:
@@ -229,7 +233,14 @@ class ChunkSize:
     transaction queued behind their locks. A size grown to that conflicts before it has
     grown again was a failed probe: the next probe, by any worker of the run
     (they share ``pace``), waits for twice as many clean commits, up to
-    GROW_AFTER_MAX. A probe that holds brings the usual pace back."""
+    GROW_AFTER_MAX. A probe that holds brings the usual pace back.
+
+    Once a run has met a deadlock, its chunks of two or more items wait for
+    a lock at most BOUNDED_LOCK_WAIT_MS (``bounded_wait``): a probe that
+    would deadlock again gives up in that time, as a conflict, rather than
+    hold its locks, and every transaction queued behind them, for the
+    server's deadlock_timeout. Beside pgbench at read committed each failed
+    probe had stalled the hot rows for that second (BENCHMARKS.md, section 17)."""
 
     def __init__(self, ceiling: int, *, adapt: bool = True, pace: Pace | None = None) -> None:
         self.ceiling = ceiling
@@ -244,6 +255,12 @@ class ChunkSize:
     def grow_after(self) -> int:
         return self.pace.grow_after
 
+    @property
+    def bounded_wait(self) -> bool:
+        """Whether a chunk of two or more items waits for a lock at most
+        BOUNDED_LOCK_WAIT_MS."""
+        return self.adapt and self.pace.deadlocked
+
     def conflict(self, *, deadlock: bool = False) -> int:
         """A chunk failed on a conflict: the size to go on with."""
         if self.adapt:
@@ -251,6 +268,7 @@ class ChunkSize:
                 self.pace.grow_after = min(GROW_AFTER_MAX, self.pace.grow_after * 2)
             if deadlock:
                 self.pace.grow_after = max(self.pace.grow_after, GROW_AFTER_DEADLOCK)
+                self.pace.deadlocked = True
             self.size = self.threshold = 1 if deadlock else max(1, self.size // 2)
             self._clean = 0
             self._probing = False

@@ -31,6 +31,7 @@ log = logging.getLogger("jobrunner")
 # PostgreSQL: serialization_failure, deadlock_detected.
 # MySQL/MariaDB: ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT.
 TRANSIENT_SQLSTATES = {"40001", "40P01"}
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout ran out (or NOWAIT found the row locked)
 TRANSIENT_MYSQL_CODES = {1213, 1205}
 # admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections;
 # class 08 (connection_exception) is matched by prefix.
@@ -116,8 +117,17 @@ def is_deadlock(error: BaseException) -> bool:
     )
 
 
-def classify(error: BaseException) -> Kind:
-    """The one answer to "what kind of failure is this?" for the whole run."""
+def timed_out_waiting(error: BaseException) -> bool:
+    """PostgreSQL gave up waiting for a lock (55P03: lock_timeout, or NOWAIT)."""
+    links = (link for link in chain(error) if isinstance(link, exc.DBAPIError))
+    return any(sqlstate(link) == LOCK_NOT_AVAILABLE for link in links)
+
+
+def classify(error: BaseException, *, bounded_wait: bool = False) -> Kind:
+    """The one answer to "what kind of failure is this?" for the whole run.
+    ``bounded_wait``: the transaction ran under jobrunner's own lock_timeout
+    (attempt.ChunkSize.bounded_wait), so running out of it (55P03) is a
+    conflict; the job's own NOWAIT or lock_timeout stays its own error."""
     for link in chain(error):
         if isinstance(link, (exc.TimeoutError, exc.PendingRollbackError)):
             return Kind.FATAL  # a pool too small, or a job misusing its session: never retried
@@ -126,6 +136,8 @@ def classify(error: BaseException) -> Kind:
         state = sqlstate(link)
         code = mysql_code(link)
         if state in TRANSIENT_SQLSTATES or code in TRANSIENT_MYSQL_CODES or is_sqlite_busy(link):
+            return Kind.TRANSIENT
+        if bounded_wait and state == LOCK_NOT_AVAILABLE:
             return Kind.TRANSIENT
         if link.connection_invalidated or state in GONE_SQLSTATES or (state or "").startswith("08"):
             return Kind.GONE

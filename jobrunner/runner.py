@@ -455,6 +455,7 @@ class _Run:
             in_hook=self.in_hook,
             blocking=self.loop.blocking if self.loop is not None else None,
             one_chunk_size=self.loop is not None,
+            bounded_waits=self.database.family == "postgresql" and not self.config.dry_run,
         )
 
     def _settling(self) -> tuple[history.KeyRecorder | None, TxidCheck | None]:

@@ -42,12 +42,19 @@ from jobrunner.db import (
 from jobrunner.exceptions import CommitInDoubt, ItemRolledBack, error_line
 from jobrunner.executor import in_this_thread
 from jobrunner.feed import Entry, Feed
-from jobrunner.outage import Kind, Outage, backoff, classify, is_deadlock
+from jobrunner.outage import Kind, Outage, backoff, classify, is_deadlock, timed_out_waiting
 from jobrunner.result import safe_repr
 from jobrunner.stop import Stop
 
 log = logging.getLogger("jobrunner")
 SLOW_SQLITE_HOLD_S = 0.1
+# SET LOCAL, unless the session's own lock_timeout is shorter already.
+BOUND_LOCK_WAIT = text(
+    f"SELECT set_config('lock_timeout', '{attempt.BOUNDED_LOCK_WAIT_MS}ms', true) "
+    "WHERE current_setting('lock_timeout') = '0' "
+    f"OR current_setting('lock_timeout')::interval > interval '{attempt.BOUNDED_LOCK_WAIT_MS} ms'"
+)
+BOUNDED_WAIT = "jobrunner_bounded_wait"  # session.info: this transaction runs under BOUND_LOCK_WAIT
 
 
 class Fence(Protocol):
@@ -140,6 +147,7 @@ class Unit:
         in_hook: Callable[[Session], contextlib.AbstractContextManager[Any]] | None = None,
         blocking: Callable[..., Any] | None = None,
         one_chunk_size: bool = False,
+        bounded_waits: bool = False,
     ) -> None:
         self.job = job
         self.ctx = ctx
@@ -156,6 +164,7 @@ class Unit:
         self.before_commit = before_commit  # bookkeeping that rides along (SQLite checkpoints)
         self.batched = job.process_batch is not None
         self.batch_size, self.adapt = batch_size, adapt
+        self.bounded_waits = bounded_waits  # PostgreSQL's lock_timeout (see ChunkSize.bounded_wait)
         self.in_hook = in_hook  # the job's SCOPED_SESSION, bound to the session (see appcode.py)
         self._sizes = threading.local()  # each worker thread's ChunkSize
         self._pace = attempt.Pace()  # shared by them
@@ -235,10 +244,11 @@ class Unit:
         tally = attempt.Tally()
         while True:
             epoch = self.fence.epoch()
-            committing = False
+            committing = bounded = False
             mark = None
             error: BaseException | None = None
             good, failed = work, []
+            session.info.pop(BOUNDED_WAIT, None)
             try:
                 if not claimed:
                     work = self._reclaim(session, work)
@@ -248,6 +258,9 @@ class Unit:
                 claimed = False
                 if self.changes is not None:
                     self.changes.start(session)
+                if self.bounded_waits and len(work) > 1 and self.chunk_size().bounded_wait:
+                    session.execute(BOUND_LOCK_WAIT)
+                    bounded = session.info[BOUNDED_WAIT] = True
                 failed = self._process(session, work)
                 connection = transaction_connection(session)
                 if work_lost(connection):
@@ -277,7 +290,7 @@ class Unit:
                 self._discard()
                 error = raised
                 do = attempt.after_error(
-                    classify(raised),
+                    classify(raised, bounded_wait=bounded),
                     committing=committing,
                     items=len(work),
                     tally=tally,
@@ -301,11 +314,11 @@ class Unit:
                 tally.retries += 1
                 self.progress.retry(len(work))
                 log.info("retrying %d item(s) after %s", len(work), error_line(error) if error else "?")
-                size = (
-                    self.chunk_size().conflict(deadlock=error is not None and is_deadlock(error))
-                    if len(work) > 1
-                    else len(work)
+                # Running out of the bounded wait stands for the deadlock it spared.
+                deadlock = error is not None and (
+                    is_deadlock(error) or (bounded and timed_out_waiting(error))
                 )
+                size = self.chunk_size().conflict(deadlock=deadlock) if len(work) > 1 else len(work)
                 if size < len(work):
                     # Smaller chunks from now on, this one included: the smaller
                     # chunk is the remedy, so no backoff first.
@@ -374,7 +387,7 @@ class Unit:
                 current.rollback()
             if self.changes is not None:
                 self.changes.rewind(session, undo)
-            if classify(error) is not Kind.FATAL:
+            if classify(error, bounded_wait=BOUNDED_WAIT in session.info) is not Kind.FATAL:
                 raise error from error.__cause__  # the item's own error, for the attempt's decision
             if whole or (counted and len(part) > 1):  # a failed chunk's items, or a failed group's
                 self.progress.replay(len(part))

@@ -14,6 +14,7 @@ from jobkit import BATCH, SET_BASED
 
 def run_json(cli, *args):
     out = cli(*args, "--json")
+    assert out.stdout, out.stderr
     return out, json.loads(out.stdout)
 
 
@@ -318,6 +319,52 @@ def test_chunks_shrink_under_conflict_and_every_item_commits_once(cli, write_job
     # 1,450 items retried; with --fixed-batch-size about 6,000, and 2,000 replayed).
     assert summary["retried"] <= 8 * 50 * 5, summary["retried"]
     assert summary["replayed"] == 0
+
+
+CROSSING = """
+\"\"\"The first two chunks (items 1-4 and 5-8, one per worker) take rows 0 and 1 in
+crossing orders (at -w 2): a deadlock. Each try says which lock_timeout it ran under.\"\"\"
+import time
+from sqlalchemy import text
+
+BATCH_SIZE = 4
+
+def setup(ctx, session):
+    session.execute(text("CREATE TABLE IF NOT EXISTS crossing (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)"))
+    session.execute(text("INSERT INTO crossing VALUES (0, 0), (1, 0) ON CONFLICT DO NOTHING"))
+
+def items(ctx, session):
+    return range(1, 17)
+
+def process(ctx, session, item):
+    timeout = session.execute(text("SELECT current_setting('lock_timeout')")).scalar()
+    with open("tries.log", "a") as log:
+        log.write(f"{item} {timeout}\\n")
+    row = item % 2 if item <= 4 else (item + 1) % 2
+    session.execute(text("UPDATE crossing SET n = n + 1 WHERE id = :row"), {"row": row})
+    time.sleep(0.3)  # the row stays locked: the other worker's chunk meets it
+"""
+
+
+@pytest.mark.postgres
+def test_after_a_deadlock_larger_chunks_wait_for_a_lock_a_bounded_time(cli, write_job, pg_url, tmp_path):
+    """Each deadlock costs the server's deadlock_timeout (a second) for the
+    chunks in it and every transaction queued behind their locks: once the
+    run has met one, a chunk of two or more items gives up waiting after
+    100 ms, and is retried as a conflict, never failed."""
+    write_job("crossing", CROSSING)
+    out, summary = run_json(
+        cli, "run", "crossing", "--database-url", pg_url, "-w", "2", "--isolation", "read_committed"
+    )
+    assert out.returncode == 0, out.stderr
+    assert (summary["succeeded"], summary["failed"]) == (16, 0)
+    [(total,)] = query(pg_url, "SELECT sum(n) FROM crossing")
+    assert total == 16, "an update was lost or doubled"
+    tries = [line.split() for line in (tmp_path / "tries.log").read_text().splitlines()]
+    before = {timeout for item, timeout in tries if int(item) <= 8}
+    assert before == {"0"}, "until the deadlock, and for single items, the server's own waits"
+    assert ["9", "100ms"] in tries, "the chunk taken after the deadlock bounds its waits"
+    assert summary["retried"] >= 4, summary  # the deadlock's loser
 
 
 PER_ITEM_COUNTED = """

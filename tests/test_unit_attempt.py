@@ -13,7 +13,7 @@ from sqlalchemy import exc
 
 from jobrunner import attempt
 from jobrunner.attempt import Do, Policy, Tally, Verdict
-from jobrunner.outage import Kind, classify, is_deadlock
+from jobrunner.outage import Kind, classify, is_deadlock, timed_out_waiting
 
 POLICY = Policy(retries=3)
 
@@ -252,6 +252,25 @@ def test_a_deadlock_sends_the_chunk_size_to_one_and_the_next_probe_far_off():
         size.committed(1)
         commits += 1
     assert commits == attempt.GROW_AFTER_DEADLOCK
+
+
+def test_once_a_run_meets_a_deadlock_its_larger_chunks_wait_for_locks_a_bounded_time():
+    pace = attempt.Pace()
+    first, second = attempt.ChunkSize(8, pace=pace), attempt.ChunkSize(8, pace=pace)
+    assert not first.bounded_wait and not second.bounded_wait  # waits are the server's until then
+    second.conflict()
+    assert not second.bounded_wait, "a serialization failure says nothing of lock order"
+    first.conflict(deadlock=True)
+    assert first.bounded_wait and second.bounded_wait, "the workers share what one learned"
+    assert not attempt.ChunkSize(8, adapt=False, pace=pace).bounded_wait, "fixed chunks keep the server's"
+
+
+def test_running_out_of_jobrunners_own_lock_timeout_is_a_conflict_and_the_jobs_own_is_not():
+    timeout = wrapped(_pg(psycopg2.errors.LockNotAvailable, "55P03"))
+    assert timed_out_waiting(timeout) and not is_deadlock(timeout)
+    assert classify(timeout, bounded_wait=True) is Kind.TRANSIENT
+    assert classify(timeout) is Kind.FATAL  # the job's NOWAIT, or a lock_timeout of its own
+    assert not timed_out_waiting(wrapped(_pg(psycopg2.errors.DeadlockDetected, "40P01")))
 
 
 def test_workers_sharing_a_pace_learn_from_each_others_failed_probes():
