@@ -6,6 +6,7 @@ every pgbench transaction updates one branch row). On a durable PostgreSQL
 
     python bench/hot_rows.py                       # 5,000 items, 3 rounds
     python bench/hot_rows.py --items 20000 --runs 1
+    python bench/hot_rows.py --against ../old       # -b 100 of another checkout too
 
 Contenders, alternating in each round: the job at batch 1 and at ``-b 100``
 (chunks adapt: they shrink under conflict and grow back), at jobrunner's
@@ -89,9 +90,9 @@ class Pgbench:
         return statistics.mean(steady) if steady else 0.0
 
 
-def run_job(url: str, items: int, args: list[str]) -> dict:
+def run_job(url: str, items: int, args: list[str], checkout: Path = HERE.parent) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
-    env["PYTHONPATH"] = str(HERE.parent)
+    env["PYTHONPATH"] = str(checkout)
     command = [sys.executable, "-m", "jobrunner", "run", "bench_tpcb", "--jobs-path", str(HERE / "jobs")]
     command += ["--database-url", url, "--json", "--param", f"n={items}", *args]
     with tempfile.TemporaryDirectory() as cwd:
@@ -122,8 +123,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--only", default="", help="only the contenders whose name contains this")
+    parser.add_argument("--against", type=Path, help="another checkout: its -b 100 contenders join in")
     options = parser.parse_args()
-    contenders = {name: args for name, args in CONTENDERS.items() if options.only in name}
+    contenders = {name: (args, HERE.parent) for name, args in CONTENDERS.items() if options.only in name}
+    if options.against:
+        other = options.against.resolve()
+        for name, (args, _) in list(contenders.items()):
+            if "-b" in args:
+                contenders[f"{name} ({other.name})"] = (args, other)
     server = PostgresServer(find_bindir(), durable=True)
     server.start()
     try:
@@ -135,9 +142,9 @@ def main() -> None:
         )
         results: dict[str, list[dict]] = {name: [] for name in contenders}
         for round_ in range(options.runs):
-            for name, args in contenders.items():
+            for name, (args, checkout) in contenders.items():
                 with Pgbench(url, options.clients) as pgbench:
-                    summary = run_job(url, options.items, args)
+                    summary = run_job(url, options.items, args, checkout)
                 summary["pgbench_tps"] = pgbench.tps
                 applied_once(url, options.items, summary["failed"])
                 results[name].append(summary)
