@@ -2,6 +2,7 @@
 
     python bench/claims.py                     # this checkout only
     python bench/claims.py --against ../old    # and another checkout, alternating
+    python bench/claims.py --against ../old --case 0 --runs 4   # one case, ABBAABBA
 
 On a durable PostgreSQL that it starts itself (tests/pgserver.py): distributed
 runs of bench_update over --items rows, at batch 1 and 20, counting the
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--against", type=Path, help="another checkout of jobrunner, run alternately")
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--case", type=int, action="append", help="only this case (an index into CASES)")
     options = parser.parse_args()
     checkouts = {"this": HERE.parent}
     if options.against:
@@ -74,10 +76,13 @@ def main() -> None:
             conn.execute(text(f"INSERT INTO bench_rows {rows}"))
         engine.dispose()
         log = server.root / "server.log"
-        for _ in range(options.runs):
-            for args in CASES:
+        cases = [CASES[i] for i in options.case] if options.case else CASES
+        for round_ in range(options.runs):
+            for args in cases:
                 case = " ".join(args)
-                for name, checkout in checkouts.items():
+                # Each round the other checkout goes first: AB, BA, AB, ...
+                ordered = list(checkouts.items())[:: 1 if round_ % 2 == 0 else -1]
+                for name, checkout in ordered:
                     before = refused(log)
                     elapsed, summary = run(checkout, server.admin_url, options.items, args)
                     lines = refused(log) - before

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, literal_column, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, insert, literal_column, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from jobrunner import tables
@@ -42,10 +42,10 @@ log = logging.getLogger("jobrunner")
 FEED_BATCH = 1000
 POLL_S = 0.05
 # Claims spread over lanes (seq modulo LANES), each worker starting on a lane
-# of its own. Were they all to claim the lowest free rows, they would keep
-# meeting rows that another worker deleted since their statement began, and
-# at REPEATABLE READ a FOR UPDATE on such a row fails (40001) even with SKIP
-# LOCKED: measured at 1.7 ms of wasted round trips per no-op item at batch 1.
+# of its own. Were they all to claim the lowest free rows, each claim would
+# walk over the rows that every other worker holds or took since its
+# snapshot (before FREE below, a claim failed on the latter: measured at
+# 1.7 ms of wasted round trips per no-op item at batch 1).
 LANES = 64
 # Under the default row lock the guard's transaction holds back PostgreSQL's
 # xmin horizon for the whole run, so the rows claims delete stay in the table's
@@ -107,10 +107,32 @@ def _describe(value: Any) -> str:
 work = tables.work
 
 
+# A claim at REPEATABLE READ still sees, in its snapshot, rows that another
+# claim deleted and committed since; FOR UPDATE on such a row fails (40001,
+# an ERROR line in the server's log) even with SKIP LOCKED, which skips only
+# rows locked now. Every transaction that locks a work row deletes it, so a
+# row's xmax (the system column: the id of the last transaction to lock or
+# delete it) tells a claim which rows are taken: 0, or a transaction that
+# rolled back, is free; one in progress or committed is someone else's. The
+# 32-bit xmax is widened to a full id beside this transaction's own
+# (txid_current(), already assigned by the BEGIN), so txid_status can say;
+# an id not before ours (a later transaction) counts as taken, and a claim
+# with a newer snapshot takes the row if it was given back. Measured with
+# python bench/claims.py (docs/distributed.md, "Claims that meet").
+_FULL_XMAX = (
+    "(txid_current() + ((xmax::text::bigint - txid_current()) % 4294967296 + 6442450944) % 4294967296"
+    " - 2147483648)"
+)
+FREE = text(
+    f"(xmax = '0'::xid OR CASE WHEN {_FULL_XMAX} BETWEEN 3 AND txid_current() - 1"
+    f" THEN coalesce(txid_status({_FULL_XMAX}), '') NOT IN ('committed', 'in progress') ELSE false END)"
+)
+
+
 def _claiming(*, lane: bool) -> Any:
     """``DELETE`` up to ``:limit`` free rows of run ``:run_id`` (of lane ``:lane``),
     returning them. Built once: SQLAlchemy then reuses the compiled form."""
-    chosen = select(work.c.run_id, work.c.seq).where(work.c.run_id == bindparam("run_id"))
+    chosen = select(work.c.run_id, work.c.seq).where(work.c.run_id == bindparam("run_id"), FREE)
     if lane:
         chosen = chosen.where(
             work.c.seq % literal_column(str(LANES)) == bindparam("lane"), work.c.seq > bindparam("after")
@@ -129,6 +151,7 @@ RECLAIM = (
         tuple_(work.c.run_id, work.c.seq).in_(
             select(work.c.run_id, work.c.seq)
             .where(work.c.run_id == bindparam("run_id"), work.c.seq.in_(bindparam("seqs", expanding=True)))
+            .where(FREE)
             .with_for_update(skip_locked=True)
         )
     )
@@ -206,7 +229,7 @@ class WorkTableFeed:
                 kind = classify(error)
                 if kind is Kind.TRANSIENT:
                     self.count_retry(1)
-                    continue  # two claims raced for the same rows: claim again
+                    continue  # refused all the same (see FREE): claim again
                 if kind is Kind.GONE:
                     if self.blocking(self.outage.wait, error):
                         continue
