@@ -269,6 +269,8 @@ class SerialFeed:
     work, chunk by chunk, in this thread, on one session of the one
     transaction (so items see what earlier items did, as they run)."""
 
+    claims_in_transaction = False
+
     def __init__(self, sessions: OneTransaction, batch_size: int, stop: threading.Event) -> None:
         self.sessions = sessions
         self.batch_size = batch_size

@@ -29,6 +29,10 @@ MIN_CAPACITY = 32
 class Feed(Protocol):
     """Both halves of where items go: fed in by the producer, taken by the workers."""
 
+    # True when ``take`` claims a chunk inside the worker's transaction (the
+    # work table): an item of it is settled in that transaction, or after it.
+    claims_in_transaction: bool
+
     # -- the producer's side
     def feed_in(self, items: Iterable[Any], accept: Callable[[Any], bool], alive: Callable[[], bool]) -> None:
         """Feed ``items`` (lazily) until they end, the run stops or the workers are gone."""
@@ -68,6 +72,8 @@ class MemoryFeed:
     Once ``stop`` is set, ``take`` hands out nothing more: queued items are
     dropped, never started.
     """
+
+    claims_in_transaction = False
 
     def __init__(self, capacity: int, stop: threading.Event) -> None:
         capacity = max(capacity, MIN_CAPACITY)

@@ -211,6 +211,14 @@ class Unit:
         error = self._transact(session, work, claimed=claimed)
         if error is None:
             return
+        if any(isinstance(value, Unprepared) for _, _, value in work):
+            # Rolled back with the chunk, which freed their rows: settled on their own.
+            for item, token, value in work:
+                if isinstance(value, Unprepared):
+                    self.on_failure(item, token, value.error, False)
+            work = [w for w in work if not isinstance(w[2], Unprepared)]
+            if not work:
+                return
         if len(work) == 1:
             self.on_failure(work[0][0], work[0][1], error, False)
             return
@@ -234,7 +242,14 @@ class Unit:
             try:
                 work.append((item, token, prepare(self.ctx, item)))
             except Exception as error:  # noqa: BLE001 - the job's own code
-                self.on_failure(item, token, error, False)
+                if self.feed.claims_in_transaction:
+                    # The chunk's open transaction holds this item's claim: a
+                    # failure settled apart would find the row held (by that
+                    # very transaction), leave it, and the chunk's commit would
+                    # then delete it as done. It fails in that transaction.
+                    work.append((item, token, Unprepared(error)))
+                else:
+                    self.on_failure(item, token, error, False)
         return work
 
     def _transact(self, session: Session, work: list, *, claimed: bool) -> BaseException | None:
@@ -261,11 +276,13 @@ class Unit:
                 if self.bounded_waits and len(work) > 1 and self.chunk_size().bounded_wait:
                     session.execute(BOUND_LOCK_WAIT)
                     bounded = session.info[BOUNDED_WAIT] = True
-                failed = self._process(session, work)
+                todo = [w for w in work if not isinstance(w[2], Unprepared)]
+                failed = self._process(session, todo) if todo else []
+                failed += [(w, w[2].error) for w in work if isinstance(w[2], Unprepared)]
                 connection = transaction_connection(session)
                 if work_lost(connection):
                     raise ItemRolledBack(WORK_LOST)
-                good = [w for w in work if not any(w is f for f, _ in failed)] if failed else work
+                good = [w for w in todo if not any(w is f for f, _ in failed)] if failed else todo
                 if failed:
                     self.feed.record_failures(session, [_failure(w, e) for w, e in failed])
                 if self.keys is not None and good:
@@ -532,6 +549,16 @@ class SqliteLockWatch:
                 "slow work that needs no database in prepare() (see docs/databases.md, SQLite)"
             )
         return self.warned
+
+
+class Unprepared:
+    """What a work entry carries instead of ``prepare``'s value when it raised
+    (a feed that claims in the transaction): the item fails there."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class _FailedAt(Exception):

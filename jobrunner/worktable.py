@@ -174,6 +174,8 @@ def retry_gone(outage: Outage, action: Callable[[], Any]) -> Any:
 class WorkTableFeed:
     """Chunks claimed from the work table, inside the worker's transaction."""
 
+    claims_in_transaction = True
+
     def __init__(
         self,
         database: Database,

@@ -367,6 +367,8 @@ def item_key(item):
     return str(item)
 
 async def prepare(ctx, item):
+    if str(item) in ctx.params.get("unprepared", "").split(","):
+        raise ValueError(f"item {item} cannot be prepared")
     state["in_flight"] += 1
     peak = state["in_flight"]
     await asyncio.sleep(float(ctx.params.get("wait", 0.01)))

@@ -306,6 +306,22 @@ def test_a_distributed_async_run_does_each_item_once_over_processes(cli, write_j
 
 
 @pytest.mark.postgres
+def test_a_distributed_async_run_fails_an_item_whose_prepare_raises_alone(cli, write_job, pg_url):
+    """The chunk's transaction holds its claim while prepare() runs: an item
+    whose prepare raised fails in that transaction, not as done."""
+    write_job("arecord", ASYNC_RECORD)
+    out = cli(
+        "run", "arecord", "--database-url", pg_url, "-P", "2", "-b", "5", "--param", "n=300",
+        "--param", "unprepared=3,4,150", "--param", "wait=0", "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (297, 3)
+    assert sorted(f["item"] for f in summary["failures"]) == ["150", "3", "4"]
+    assert_each_once(pg_url, 300, missing=frozenset({3, 4, 150}))
+
+
+@pytest.mark.postgres
 def test_an_async_join_helper_killed_mid_run_gives_its_items_back(spawn, write_job, pg_url):
     write_job("apaged", ASYNC_PAGED)
     args = ("run", "apaged", "--database-url", pg_url, "--join", "-b", "10", "--param", "n=1500")

@@ -42,6 +42,41 @@ def items_once(url: str, n: int) -> list[tuple]:
     return rows
 
 
+PREPARED = (
+    BATCH
+    + """
+def prepare(ctx, item):
+    if str(item) in ctx.params.get("unprepared", "").split(","):
+        raise ValueError(f"item {item} cannot be prepared")
+    return item
+"""
+)
+
+
+@pytest.mark.parametrize("batch", ["1", "7"])
+def test_an_item_whose_prepare_raises_fails_alone_in_a_distributed_run(cli, write_job, pg_url, batch):
+    """prepare() runs once its chunk is claimed, in the open transaction that
+    holds the claim. An item whose prepare raised used to be settled apart:
+    that found its row held (by the chunk's own transaction), left it, and
+    the chunk's commit deleted it as done (200 succeeded, exit 0)."""
+    write_job("batch", PREPARED)
+    bad = list(range(0, 200, 10))  # at batch 1, chunks of nothing but a failure
+    out = cli(
+        "run", "batch", "--database-url", pg_url, "--processes", "2", "-w", "2", "-b", batch,
+        "--param", "n=200", "--param", "unprepared=" + ",".join(map(str, bad)), "--json",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["status"], summary["succeeded"], summary["failed"]) == ("failed", 180, 20)
+    assert sorted(int(f["item"]) for f in summary["failures"]) == bad
+    assert all("cannot be prepared" in f["error"] for f in summary["failures"]), summary["failures"]
+    rows = query(pg_url, "SELECT item FROM batch_rows ORDER BY item")
+    assert [item for (item,) in rows] == [i for i in range(200) if i not in bad]
+    assert query(pg_url, "SELECT count(*) FROM jobrunner_work") == [(0,)]
+    [run] = json.loads(cli("history", "batch", "--database-url", pg_url, "--json").stdout)
+    assert (run["succeeded"], run["failed"]) == (180, 20)
+
+
 def test_processes_share_one_run_and_each_item_is_done_once(cli, write_job, pg_url):
     write_job("batch", BATCH)
     out = cli(
