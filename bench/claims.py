@@ -5,7 +5,7 @@
     python bench/claims.py --against ../old --case 0 --runs 4   # one case, ABBAABBA
 
 On a durable PostgreSQL that it starts itself (tests/pgserver.py): distributed
-runs of bench_update over --items rows, at batch 1 and 20, counting the
+runs of bench_update over --items rows, at batch 1, 20 and 100, counting the
 "could not serialize" ERROR lines that the runs' claims write to the server's
 log, beside the run's own ``retried`` and its time. Prints one line per run
 and a median per case (docs/distributed.md, "Claims that meet").
@@ -34,6 +34,7 @@ CASES = [
     ["--processes", "2", "--workers", "4", "--batch-size", "1"],
     ["--workers", "8", "--batch-size", "1", "--join"],
     ["--processes", "2", "--workers", "4", "--batch-size", "20"],
+    ["--processes", "2", "--workers", "4", "--batch-size", "100"],
 ]
 
 

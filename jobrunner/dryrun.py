@@ -296,5 +296,7 @@ class SerialFeed:
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         return True
 
-    def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
+    def record_failures(
+        self, session: Any, failures: list[tuple[Any, Any, str, str]], *, whole: bool = False
+    ) -> None:
         pass

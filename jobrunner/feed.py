@@ -50,9 +50,12 @@ class Feed(Protocol):
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         """An item failed alone: record it; False if another process holds it now."""
 
-    def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
+    def record_failures(
+        self, session: Any, failures: list[tuple[Any, Any, str, str]], *, whole: bool = False
+    ) -> None:
         """Items of a chunk that failed alone, (token, item, repr, error line):
-        recorded in the chunk's own transaction, which still holds their claim."""
+        recorded in the chunk's own transaction, which still holds their claim.
+        ``whole``: they are all of the chunk, which commits none of the job's work."""
 
 
 class MemoryFeed:
@@ -146,7 +149,9 @@ class MemoryFeed:
     def settle_failure(self, token: Any, item: Any, item_repr: str, error_line: str) -> bool:
         return True  # nobody else can hold it
 
-    def record_failures(self, session: Any, failures: list[tuple[Any, Any, str, str]]) -> None:
+    def record_failures(
+        self, session: Any, failures: list[tuple[Any, Any, str, str]], *, whole: bool = False
+    ) -> None:
         pass  # failures live in the run's Counters
 
     def _taken(self, count: int) -> None:

@@ -43,7 +43,7 @@ CRASHED_NOTE = (
 )
 CRASHED_NOTE_KNOWN = (
     "its end was never recorded: the process was killed, or the database was unreachable "
-    "when it ended; succeeded (and, for a distributed run, failed) counts what it committed, "
+    "when it ended; succeeded (and, for a distributed run, failed and commits) counts what it committed, "
     "the other counts are those of its last checkpoint"
 )
 
@@ -417,6 +417,13 @@ def running(database: dbmod.Database) -> list[dict[str, Any]]:
         return [dict(row) for row in session.execute(query).mappings()]
 
 
+def chunk_commits(session: Any, run_id: int) -> int:
+    """The chunk transactions a distributed run committed, over all its
+    processes, as they counted themselves (worktable._counting)."""
+    counts = tables.chunk_commits
+    return int(session.scalar(select(func.sum(counts.c.commits)).where(counts.c.run_id == run_id)) or 0)
+
+
 def purge(database: dbmod.Database, before: datetime, job: str | None) -> tuple[int, int]:
     """Delete finished runs started before ``before``, and their item keys."""
     runs = tables.runs
@@ -426,6 +433,7 @@ def purge(database: dbmod.Database, before: datetime, job: str | None) -> tuple[
     with database.bookkeeping() as session, session.begin():
         ids = select(runs.c.id).where(and_(*condition))
         keys = rowcount(session.execute(delete(tables.item_keys).where(tables.item_keys.c.run_id.in_(ids))))
+        session.execute(delete(tables.chunk_commits).where(tables.chunk_commits.c.run_id.in_(ids)))
         count = rowcount(session.execute(delete(runs).where(*condition)))
     return count, keys
 
@@ -460,6 +468,10 @@ def _committed(session: Any, run_id: int) -> dict[str, int]:
 
     if fed:
         failed = count(failures)
-        return {"succeeded": fed - failed - count(work), "failed": failed}
+        return {
+            "succeeded": fed - failed - count(work),
+            "failed": failed,
+            "commits": chunk_commits(session, run_id),
+        }
     committed = count(keys)
     return {"succeeded": committed} if committed else {}

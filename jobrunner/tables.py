@@ -155,6 +155,18 @@ run_processes = Table(
     Column("commits", Integer, nullable=False, default=0),
 )
 
+# A distributed run's committed chunks, counted by each chunk's own transaction
+# (in the statement of its claim), one row per database connection so that no
+# two open transactions update one row: the run's commits are known whoever
+# dies, where a process's own counts (above) end at its last checkpoint.
+chunk_commits = Table(
+    "jobrunner_chunk_commits",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("backend", Integer, primary_key=True, autoincrement=False),  # pg_backend_pid()
+    Column("commits", BigInteger, nullable=False),
+)
+
 
 def _missing(conn: Connection) -> tuple[set[str], dict[str, list[Column]]]:
     inspector = inspect(conn)
@@ -199,13 +211,15 @@ def ensure_schema(engine: Engine) -> None:
 
 
 def has_schema(database: Database) -> bool:
-    """True if jobrunner's tables exist (read-only commands never create them;
-    they do add the columns a newer jobrunner needs to tables that exist)."""
+    """True if jobrunner has run against this database: its runs table exists.
+    Read-only commands never create jobrunner's tables on a database it has
+    never run against; on one it has, they add the tables and columns that a
+    newer jobrunner needs, as a run would."""
     with database.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}).connect() as conn:
         tables, columns = _missing(conn)
-    if tables:
+    if runs.name in tables:
         return False
-    if columns:
+    if tables or columns:
         ensure_schema(database.own_engine)
     return True
 

@@ -284,7 +284,7 @@ class Unit:
                     raise ItemRolledBack(WORK_LOST)
                 good = [w for w in todo if not any(w is f for f, _ in failed)] if failed else todo
                 if failed:
-                    self.feed.record_failures(session, [_failure(w, e) for w, e in failed])
+                    self.feed.record_failures(session, [_failure(w, e) for w, e in failed], whole=not good)
                 if self.keys is not None and good:
                     self.keys.record(session, [item for item, _, _ in good])
                 if self.commit_check is not None:

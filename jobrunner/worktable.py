@@ -27,7 +27,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, literal_column, select, text, tuple_, update
+from sqlalchemy import Integer, bindparam, delete, func, insert, literal_column, select, text, tuple_, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from jobrunner import tables
@@ -143,19 +144,54 @@ def _claiming(*, lane: bool) -> Any:
     )
 
 
-CLAIM_LANE = _claiming(lane=True)
-CLAIM_ANY = _claiming(lane=False)
-RECLAIM = (
-    delete(work)
-    .where(
-        tuple_(work.c.run_id, work.c.seq).in_(
-            select(work.c.run_id, work.c.seq)
-            .where(work.c.run_id == bindparam("run_id"), work.c.seq.in_(bindparam("seqs", expanding=True)))
-            .where(FREE)
-            .with_for_update(skip_locked=True)
+def _reclaiming() -> Any:
+    return (
+        delete(work)
+        .where(
+            tuple_(work.c.run_id, work.c.seq).in_(
+                select(work.c.run_id, work.c.seq)
+                .where(
+                    work.c.run_id == bindparam("run_id"), work.c.seq.in_(bindparam("seqs", expanding=True))
+                )
+                .where(FREE)
+                .with_for_update(skip_locked=True)
+            )
         )
+        .returning(work.c.seq)
     )
-    .returning(work.c.seq)
+
+
+def _counting(claim: Any) -> Any:
+    """``claim`` that also counts one commit for this connection when it
+    claims anything (tables.chunk_commits): the count commits with the chunk
+    or rolls back with it, in the same statement, so no round trip is added."""
+    claimed = claim.cte("claimed")
+    counts = tables.chunk_commits
+    one = select(bindparam("run_id", type_=Integer), func.pg_backend_pid(), literal_column("1")).where(
+        select(literal_column("1")).select_from(claimed).exists()
+    )
+    counted = (
+        postgresql.insert(counts)
+        .from_select(["run_id", "backend", "commits"], one)
+        .on_conflict_do_update(
+            index_elements=[counts.c.run_id, counts.c.backend], set_={"commits": counts.c.commits + 1}
+        )
+        .cte("counted")
+    )
+    return select(*claimed.c).add_cte(counted)
+
+
+CLAIM_LANE = _counting(_claiming(lane=True))
+CLAIM_ANY = _counting(_claiming(lane=False))
+RECLAIM = _reclaiming()  # a failed item's settling, in a transaction of its own
+RECLAIM_COUNTED = _counting(_reclaiming())  # a chunk's retry, which commits the chunk
+# A chunk whose every item failed alone commits their failures, none of the
+# job's work: it is not one of the run's commits.
+UNCOUNT = (
+    update(tables.chunk_commits)
+    .where(tables.chunk_commits.c.run_id == bindparam("run_id"))
+    .where(tables.chunk_commits.c.backend == func.pg_backend_pid())
+    .values(commits=tables.chunk_commits.c.commits - 1)
 )
 
 
@@ -285,11 +321,16 @@ class WorkTableFeed:
 
     def reclaim(self, session: Session, chunk: list[Entry]) -> list[Entry]:
         seqs = [seq for _, seq in chunk]
-        ours = set(session.execute(RECLAIM, {"run_id": self.run_id, "seqs": seqs}).scalars())
+        ours = set(session.execute(RECLAIM_COUNTED, {"run_id": self.run_id, "seqs": seqs}).scalars())
         return [entry for entry in chunk if entry[1] in ours]
 
-    def record_failures(self, session: Session, failures: list[tuple[Any, Any, str, str]]) -> None:
-        """In the chunk's transaction, whose claim deleted their rows already."""
+    def record_failures(
+        self, session: Session, failures: list[tuple[Any, Any, str, str]], *, whole: bool = False
+    ) -> None:
+        """In the chunk's transaction, whose claim deleted their rows already
+        (and counted the chunk a commit: not one if ``whole``, every item failed)."""
+        if whole:
+            session.execute(UNCOUNT, {"run_id": self.run_id})
         host, pid = socket.gethostname(), os.getpid()
         rows = [
             {

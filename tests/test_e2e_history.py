@@ -191,3 +191,16 @@ def test_a_run_that_died_is_marked_crashed_with_what_it_committed_and_metrics_co
     assert first["succeeded"] == committed, (first["succeeded"], committed)
     text = (tmp_path / "m.prom").read_text()
     assert f'jobrunner_items_total{{job="resumable",outcome="succeeded"}} {committed + 10}' in text, text
+
+
+def test_history_of_a_database_an_older_jobrunner_used_gains_the_newer_tables(cli, write_job, sqlite_url):
+    """A database whose tables came from an older jobrunner, without a table
+    added since (here jobrunner_chunk_commits): history still shows its runs,
+    and the table is added, as a run would add it."""
+    write_job("resumable", RESUMABLE)
+    assert cli("run", "resumable", "--database-url", sqlite_url, "--param", "n=2").returncode == 0
+    execute(sqlite_url, "DROP TABLE jobrunner_chunk_commits")
+    [run] = json.loads(cli("history", "--database-url", sqlite_url, "--json").stdout)
+    assert (run["job"], run["succeeded"]) == ("resumable", 2)
+    names = query(sqlite_url, "SELECT name FROM sqlite_master WHERE name = 'jobrunner_chunk_commits'")
+    assert names == [("jobrunner_chunk_commits",)]
