@@ -312,13 +312,13 @@ def test_a_distributed_async_run_fails_an_item_whose_prepare_raises_alone(cli, w
     write_job("arecord", ASYNC_RECORD)
     out = cli(
         "run", "arecord", "--database-url", pg_url, "-P", "2", "-b", "5", "--param", "n=300",
-        "--param", "unprepared=3,4,150", "--param", "wait=0", "--json",
+        "--param", "unprepared=0,1,2,3,4,150", "--param", "wait=0", "--json",
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
     summary = json.loads(out.stdout)
-    assert (summary["succeeded"], summary["failed"]) == (297, 3)
-    assert sorted(f["item"] for f in summary["failures"]) == ["150", "3", "4"]
-    assert_each_once(pg_url, 300, missing=frozenset({3, 4, 150}))
+    assert (summary["succeeded"], summary["failed"]) == (294, 6)
+    assert sorted(int(f["item"]) for f in summary["failures"]) == [0, 1, 2, 3, 4, 150]
+    assert_each_once(pg_url, 300, missing=frozenset({0, 1, 2, 3, 4, 150}))
 
 
 @pytest.mark.postgres

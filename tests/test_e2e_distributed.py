@@ -73,8 +73,11 @@ def test_an_item_whose_prepare_raises_fails_alone_in_a_distributed_run(cli, writ
     rows = query(pg_url, "SELECT item FROM batch_rows ORDER BY item")
     assert [item for (item,) in rows] == [i for i in range(200) if i not in bad]
     assert query(pg_url, "SELECT count(*) FROM jobrunner_work") == [(0,)]
+    # A chunk of nothing but failures commits them, and none of the job's work.
+    [(chunks,)] = query(pg_url, "SELECT count(DISTINCT tx) FROM batch_rows")
+    assert summary["commits"] == chunks
     [run] = json.loads(cli("history", "batch", "--database-url", pg_url, "--json").stdout)
-    assert (run["succeeded"], run["failed"]) == (180, 20)
+    assert (run["succeeded"], run["failed"], run["commits"]) == (180, 20, chunks)
 
 
 def test_processes_share_one_run_and_each_item_is_done_once(cli, write_job, pg_url):
