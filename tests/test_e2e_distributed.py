@@ -579,27 +579,14 @@ def refused_since(server_log, offset: int) -> list[str]:
 def test_claims_that_meet_in_a_lane_leave_no_error_in_the_servers_log(cli, write_job, pg_url, pg_server_log):
     """At batch 1, eight workers over two processes claim all the time and
     meet in their lanes: a claim that saw, in its snapshot, a row another
-    claim had taken since was refused (40001, about one claim in 400, an
-    ERROR line each in the server's log). It skips such rows now."""
+    claim had taken since was refused (40001, one claim in 70 to 400 as
+    measured, an ERROR line each in the server's log). It skips such rows now."""
     if pg_server_log is None:
         pytest.skip("the server's log is not ours to read")
     write_job("batch", BATCH)
     log_from = pg_server_log.stat().st_size
-    out = cli(
-        "run",
-        "batch",
-        "--database-url",
-        pg_url,
-        "--processes",
-        "2",
-        "-w",
-        "4",
-        "-b",
-        "1",
-        "--param",
-        "n=4000",
-        "--json",
-    )
+    args = ("--processes", "2", "-w", "4", "-b", "1", "--param", "n=4000", "--json")
+    out = cli("run", "batch", "--database-url", pg_url, *args)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert (summary["succeeded"], summary["failed"], summary["retried"]) == (4000, 0, 0)
