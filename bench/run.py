@@ -8,8 +8,8 @@ bench/bad_items.py measures what bad items cost a chunked run,
 bench/async_items.py async jobs against threaded ones, bench/versions.py older
 versions of jobrunner against this one, bench/item_profile.py where a
 batch-1 item's time goes, bench/hot_rows.py chunks on hot rows beside
-pgbench, and bench/vacuum_distributed.py whether a distributed run holds back
-VACUUM, each on its own: their sections of BENCHMARKS.md
+pgbench, bench/vacuum_distributed.py whether a distributed run holds back
+VACUUM, and bench/claims.py work-table claims that meet, each on its own: their sections of BENCHMARKS.md
 are written by hand from what they print, and carry a KEPT marker so that
 this script keeps them when it rewrites the file.
 
