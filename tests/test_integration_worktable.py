@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import threading
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from test_integration_guard import open_db
 
 from jobrunner import tables
-from jobrunner.worktable import CLAIM_ANY, CLAIM_LANE, LANES, RECLAIM, decode, encode
+from jobrunner.outage import Outage
+from jobrunner.worktable import CLAIM_ANY, CLAIM_LANE, LANES, RECLAIM, WorkTableFeed, decode, encode
 
 pytestmark = pytest.mark.postgres
 
@@ -98,3 +100,36 @@ def test_a_claim_skips_rows_another_claim_took_since_its_snapshot_without_an_err
         with pg_server_log.open(errors="replace") as log:
             log.seek(log_from)
             assert "could not serialize" not in log.read()
+
+
+def test_a_claim_refused_all_the_same_is_made_again_in_a_fresh_transaction_and_counted(pg_url, tmp_path):
+    """Should the server refuse a claim (40001) all the same, the feed claims
+    again at once, in a fresh transaction, and counts one in ``retried``.
+    Made to happen here through the claim's own commit count: a row for this
+    connection that a transaction committed since the snapshot."""
+    database = open_db(pg_url, tmp_path)
+    try:
+        run_id = _run_with_rows(database, range(LANES))  # whichever lane it starts in holds a row
+        retries: list[int] = []
+        feed = WorkTableFeed(
+            database, run_id, stop=threading.Event(), outage=Outage(database.probe, 10), leader=False
+        )
+        feed.count_retry = retries.append
+        session = database.session()
+        try:
+            backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()  # the snapshot
+            with database.own_engine.begin() as other:
+                other.execute(insert(tables.chunk_commits).values(run_id=run_id, backend=backend, commits=5))
+            claimed = feed.take(session, 3)
+            assert claimed is not None and len(claimed) == 1  # one lane's row
+            assert retries == [1]
+            session.commit()
+        finally:
+            session.close()
+        with database.own_engine.connect() as conn:
+            total = "SELECT sum(commits) FROM jobrunner_chunk_commits WHERE run_id = :r"
+            assert conn.execute(text(total), {"r": run_id}).scalar() == 5 + 1, (
+                "one commit: the refused claim's count was undone"
+            )
+    finally:
+        database.dispose()
