@@ -211,12 +211,11 @@ class Unit:
         error = self._transact(session, work, claimed=claimed)
         if error is None:
             return
-        if any(isinstance(value, Unprepared) for _, _, value in work):
+        work, unprepared = _split_unprepared(work)
+        if unprepared:
             # Rolled back with the chunk, which freed their rows: settled on their own.
-            for item, token, value in work:
-                if isinstance(value, Unprepared):
-                    self.on_failure(item, token, value.error, False)
-            work = [w for w in work if not isinstance(w[2], Unprepared)]
+            for (item, token, _), prepare_error in unprepared:
+                self.on_failure(item, token, prepare_error, False)
             if not work:
                 return
         if len(work) == 1:
@@ -276,9 +275,8 @@ class Unit:
                 if self.bounded_waits and len(work) > 1 and self.chunk_size().bounded_wait:
                     session.execute(BOUND_LOCK_WAIT)
                     bounded = session.info[BOUNDED_WAIT] = True
-                todo = [w for w in work if not isinstance(w[2], Unprepared)]
-                failed = self._process(session, todo) if todo else []
-                failed += [(w, w[2].error) for w in work if isinstance(w[2], Unprepared)]
+                todo, unprepared = _split_unprepared(work)
+                failed = (self._process(session, todo) if todo else []) + unprepared
                 connection = transaction_connection(session)
                 if work_lost(connection):
                     raise ItemRolledBack(WORK_LOST)
@@ -559,6 +557,16 @@ class Unprepared:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def _split_unprepared(work: list) -> tuple[list, list[tuple[Any, BaseException]]]:
+    """``work`` without its Unprepared entries, and those as (entry, prepare's
+    error), the form of the chunk's other failures. ``work`` itself when all
+    were prepared, as they almost always are."""
+    unprepared = [(w, w[2].error) for w in work if type(w[2]) is Unprepared]
+    if not unprepared:
+        return work, unprepared
+    return [w for w in work if type(w[2]) is not Unprepared], unprepared
 
 
 class _FailedAt(Exception):
