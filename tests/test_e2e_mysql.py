@@ -94,6 +94,7 @@ def test_a_killed_lock_connection_is_taken_again_and_in_flight_items_never_commi
     code, _, err = finish(run, timeout=60)
     assert code == 0, err
     assert "lock in doubt" in err and "lock taken again" in err
+    assert err.index("lock in doubt") < err.index("lock taken again"), err
     stale = query(mysql_url, f"SELECT item FROM pairs WHERE part = 2 AND t0 < {killed_at}")
     assert stale == [], f"items begun before the loss committed after it: {stale}"
     assert_whole_items(mysql_url)
