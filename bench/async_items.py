@@ -2,6 +2,7 @@
 
     python bench/async_items.py --runs 3
     python bench/async_items.py --runs 3 --items 5000 --sqlite   # aiosqlite against sqlite3
+    python bench/async_items.py --case process_batch --items 200000   # some cases: name holds the text
 
 On a durable PostgreSQL (fsync and synchronous_commit on) that it starts
 itself (tests/pgserver.py):
@@ -14,7 +15,8 @@ itself (tests/pgserver.py):
   every 50 ms) and the run's peak RSS.
 - Database-bound: one UPDATE per item at batch 1, and process_batch at batch
   1000, async (asyncpg) against threaded (psycopg2) at 4 and 16 workers, and
-  raw asyncpg (executemany per 1000 in a transaction).
+  raw asyncpg (executemany per 1000 in a transaction, on 1 and on 4
+  connections).
 
 Prints Markdown tables for BENCHMARKS.md.
 """
@@ -99,23 +101,38 @@ def _communicate(proc: subprocess.Popen[str]) -> tuple[str, str]:
     return out[0], err
 
 
-def raw_asyncpg(url: str, n: int, batch: int) -> float:
+def raw_asyncpg(url: str, n: int, batch: int, connections: int = 1) -> float:
+    """executemany per ``batch`` items, a transaction each, on ``connections``
+    connections at once (each takes every connections-th chunk)."""
     import asyncpg
 
     dsn = url.replace("postgresql+psycopg2://", "postgresql://")
+    starts = list(range(1, n + 1, batch))
 
-    async def go() -> float:
-        conn = await asyncpg.connect(dsn)
-        t0 = time.monotonic()
-        for start in range(1, n + 1, batch):
+    async def one(conn: asyncpg.Connection, mine: list[int]) -> None:
+        for start in mine:
             async with conn.transaction():
                 rows = [(i,) for i in range(start, min(n, start + batch - 1) + 1)]
                 await conn.executemany("UPDATE bench_rows SET n = n + 1 WHERE id = $1", rows)
+
+    async def go() -> float:
+        conns = [await asyncpg.connect(dsn) for _ in range(connections)]
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(conn, starts[k::connections]) for k, conn in enumerate(conns)))
         took = time.monotonic() - t0
-        await conn.close()
+        for conn in conns:
+            await conn.close()
         return n / took
 
     return asyncio.run(go())
+
+
+def vacuum(url: str) -> None:
+    """The dead rows of the contender before go, so that each meets the same table."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("VACUUM bench_rows"))
+    engine.dispose()
 
 
 def median(values: list[float]) -> float:
@@ -173,6 +190,12 @@ def main() -> None:
     parser.add_argument("--sqlite", action="store_true", help="only the SQLite section")
     parser.add_argument("--io-only", action="store_true", help="only the I/O-bound section")
     parser.add_argument("--threaded-workers", default="8,32,128", help="the threaded job's worker counts")
+    parser.add_argument(
+        "--case",
+        action="append",
+        help="only the cases whose name holds this text (repeatable); "
+        "raw asyncpg runs with any database-bound case",
+    )
     options = parser.parse_args()
     n = options.items
     if options.sqlite:
@@ -206,16 +229,28 @@ def main() -> None:
                 "async, per item, -w 16": ("bench_db_async", ["-w", "16"]),
                 "threads, per item, -w 16": ("bench_db", ["-w", "16"]),
                 "async, process_batch -b 1000, -w 4": ("bench_db_async", ["-w", "4", "-b", "1000"]),
+                # what the default --concurrency was before it grew with -w x -b: one chunk in flight
+                "async, process_batch -b 1000, -w 4 -c 100": (
+                    "bench_db_async",
+                    ["-w", "4", "-b", "1000", "-c", "100"],
+                ),
                 "threads, process_batch -b 1000, -w 4": ("bench_db", ["-w", "4", "-b", "1000"]),
             }
         )
+        if options.case:
+            io_cases, db_cases = (
+                {name: case for name, case in cases.items() if any(c in name for c in options.case)}
+                for cases in (io_cases, db_cases)
+            )
         results: dict[str, list[dict]] = {name: [] for name in [*io_cases, *db_cases]}
-        raw: list[float] = []
+        raw: dict[int, list[float]] = {1: [], 4: []}
         for _ in range(options.runs):
             for name, (job, args) in {**io_cases, **db_cases}.items():
+                vacuum(url)
                 results[name].append(run(url, job, "--param", f"n={n}", *args))
-            if db_cases:
-                raw.append(raw_asyncpg(url, n, 1000))
+            for connections in raw if db_cases else ():
+                vacuum(url)
+                raw[connections].append(raw_asyncpg(url, n, 1000, connections))
         print(f"I/O-bound: {n:,} items, prepare() waits 100 ms, then one UPDATE; median of {options.runs}")
         print()
         print("| run | items/s | connections at most | peak RSS (MB) |")
@@ -234,7 +269,10 @@ def main() -> None:
         print("|---|---:|")
         for name in db_cases:
             print(f"| {name} | {median([r['items_per_second'] for r in results[name]]):,.0f} |")
-        print(f"| raw asyncpg, executemany per 1,000, one connection | {median(raw):,.0f} |")
+        for connections, rates in raw.items():
+            print(
+                f"| raw asyncpg, executemany per 1,000, {connections} connection(s) | {median(rates):,.0f} |"
+            )
     finally:
         server.stop()
 

@@ -176,8 +176,9 @@ def cli() -> None:
     "-c",
     "--concurrency",
     type=click.IntRange(min=1),
-    help="An async job's items in flight at once, awaiting prepare() included (default 100; "
-    "a job may set CONCURRENCY). --workers stays the number of transactions at once.",
+    help="An async job's items in flight at once, awaiting prepare() included (default 100, or "
+    "workers x batch size if more; a job may set CONCURRENCY). --workers stays the number of "
+    "transactions at once.",
 )
 @click.option(
     "--param",

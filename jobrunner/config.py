@@ -190,6 +190,17 @@ class Config:
     def distributed(self) -> bool:
         return self.processes > 1 or self.join
 
+    @property
+    def items_in_flight(self) -> int:
+        """An async run's bound on items in flight: ``concurrency`` where it
+        was set, else the default or what the workers' chunks hold, whichever
+        is more. Chunks are in flight whole, about concurrency / batch_size of
+        them, and a default below workers x batch_size left workers idle that
+        nobody had asked to idle (-w 4 -b 1000 ran one chunk at a time)."""
+        if "concurrency" in self.origins:
+            return self.concurrency
+        return max(self.concurrency, self.workers * self.batch_size)
+
     def origin(self, key: str) -> str:
         """Where ``key`` was set, for an error message."""
         return self.origins.get(key, f"the default {key}")

@@ -117,7 +117,7 @@ class Single:
         r = self.r
         room = r.config.workers * r.config.batch_size
         if r.loop is not None:
-            room = max(room, r.config.concurrency + r.config.batch_size)
+            room = max(room, r.config.items_in_flight + r.config.batch_size)
         return MemoryFeed(room, r.stop.event)
 
     def sessions(self) -> contextlib.AbstractContextManager[Any]:
@@ -142,12 +142,12 @@ class Single:
                 take = lambda session: feed.take(session, unit.chunk_size().size)  # noqa: E731
                 feed.blocking = r.loop.blocking  # type: ignore[attr-defined]
             if isinstance(feed, MemoryFeed):
-                r.progress.concurrency = r.config.concurrency  # for the start line
+                r.progress.concurrency = r.config.items_in_flight  # for the start line
             return aio.Tasks(
                 loop=r.loop,
                 database=r.async_database,
                 workers=r.config.workers,
-                concurrency=r.config.concurrency,
+                concurrency=r.config.items_in_flight,
                 batch_size=r.config.batch_size,
                 take=take,
                 unit=unit,

@@ -133,6 +133,49 @@ async def process(ctx, session, item):
 """
 
 
+IN_TRANSACTION = """
+import asyncio
+from sqlalchemy import text
+
+state = {"open": 0, "most": 0}
+
+async def setup(ctx, session):
+    await session.execute(text("CREATE TABLE IF NOT EXISTS effects (item INTEGER NOT NULL, most INTEGER)"))
+
+async def items(ctx, session):
+    return range(int(ctx.params["n"]))
+
+async def process_batch(ctx, session, items):
+    state["open"] += 1
+    state["most"] = max(state["most"], state["open"])
+    try:
+        await asyncio.sleep(0.3)
+        await session.execute(
+            text("INSERT INTO effects VALUES (:i, :m)"), [{"i": i, "m": state["most"]} for i in items]
+        )
+    finally:
+        state["open"] -= 1
+"""
+
+
+@pytest.mark.postgres
+def test_by_default_every_worker_of_an_async_run_has_a_chunk_whatever_the_batch_size(cli, write_job, pg_url):
+    """-w 4 -b 50 with no --concurrency: four chunks' transactions at once. The
+    default of 100 items in flight let two chunks of 50 be, so two of the four
+    workers never had one."""
+    write_job("intx", IN_TRANSACTION)
+    out = cli(
+        "run", "intx", "--database-url", pg_url, "--param", "n=800",
+        "-w", "4", "-b", "50", "--fixed-batch-size", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["commits"] == 16
+    assert_each_once(pg_url, 800)
+    [(most,)] = query(pg_url, "SELECT max(most) FROM effects")
+    assert most == 4, most
+    assert "up to 200 items in flight" in out.stderr, out.stderr
+
+
 def test_an_async_chunks_prepares_await_at_once_within_the_concurrency_bound(cli, write_job, db_url):
     """At --concurrency 40 --batch-size 40 one chunk is in flight at a time: its
     items' prepare() calls await together (one after another, 40 items that

@@ -29,6 +29,22 @@ def test_precedence_flag_over_env_over_job_section_over_file(tmp_path):
     assert load({"config": str(cfg), "workers": 6}, job="update", environ=env, cwd=tmp_path).workers == 6
 
 
+def test_an_async_runs_default_concurrency_never_holds_fewer_items_than_its_workers_chunks(tmp_path):
+    def in_flight(flags, module=None):
+        config = load(flags, job="update", environ={}, cwd=tmp_path)
+        return config.with_job_defaults(module or {}, "jobs/update.py").items_in_flight
+
+    assert in_flight({}) == 100
+    assert in_flight({"workers": 8, "batch_size": 10}) == 100
+    assert in_flight({"workers": 4, "batch_size": 1000}) == 4000  # four chunks, one per worker
+    assert in_flight({"workers": 4}, {"batch_size": 50}) == 200  # BATCH_SIZE = 50 in the module
+    # Set, it is what was asked for, even below one chunk per worker.
+    assert in_flight({"workers": 4, "batch_size": 1000, "concurrency": 100}) == 100
+    assert in_flight({"workers": 4, "batch_size": 1000}, {"concurrency": 50}) == 50
+    cfg = write(tmp_path / "c.toml", "[jobs.update]\nconcurrency = 300\n")
+    assert in_flight({"config": str(cfg), "batch_size": 1000}) == 300
+
+
 def test_config_from_environment_and_default_file(tmp_path):
     write(tmp_path / "jobrunner.toml", "workers = 7\n")
     assert load({}, environ={}, cwd=tmp_path).workers == 7
