@@ -16,7 +16,8 @@ itself (tests/pgserver.py):
 - Database-bound: one UPDATE per item at batch 1, and process_batch at batch
   1000, async (asyncpg) against threaded (psycopg2) at 4 and 16 workers, and
   raw asyncpg (executemany per 1000 in a transaction, on 1 and on 4
-  connections).
+  connections), and plain SQLAlchemy (an AsyncSession per task, 4 tasks,
+  the job's executemany per 1000).
 
 Prints Markdown tables for BENCHMARKS.md.
 """
@@ -122,6 +123,36 @@ def raw_asyncpg(url: str, n: int, batch: int, connections: int = 1) -> float:
         took = time.monotonic() - t0
         for conn in conns:
             await conn.close()
+        return n / took
+
+    return asyncio.run(go())
+
+
+def plain_sqlalchemy(url: str, n: int, batch: int, sessions: int) -> float:
+    """What a job author would write without jobrunner: an AsyncSession per
+    task, ``sessions`` tasks, the same executemany per ``batch`` items and a
+    commit each."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    starts = list(range(1, n + 1, batch))
+    update = text("UPDATE bench_rows SET n = n + 1 WHERE id = :id")
+
+    async def go() -> float:
+        engine = create_async_engine(url.replace("postgresql+psycopg2://", "postgresql+asyncpg://"))
+        maker = async_sessionmaker(engine)
+
+        async def one(mine: list[int]) -> None:
+            async with maker() as session:
+                for start in mine:
+                    await session.execute(
+                        update, [{"id": i} for i in range(start, min(n, start + batch - 1) + 1)]
+                    )
+                    await session.commit()
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(starts[k::sessions]) for k in range(sessions)))
+        took = time.monotonic() - t0
+        await engine.dispose()
         return n / took
 
     return asyncio.run(go())
@@ -244,6 +275,7 @@ def main() -> None:
             )
         results: dict[str, list[dict]] = {name: [] for name in [*io_cases, *db_cases]}
         raw: dict[int, list[float]] = {1: [], 4: []}
+        plain: list[float] = []
         for _ in range(options.runs):
             for name, (job, args) in {**io_cases, **db_cases}.items():
                 vacuum(url)
@@ -251,6 +283,9 @@ def main() -> None:
             for connections in raw if db_cases else ():
                 vacuum(url)
                 raw[connections].append(raw_asyncpg(url, n, 1000, connections))
+            if db_cases:
+                vacuum(url)
+                plain.append(plain_sqlalchemy(url, n, 1000, 4))
         print(f"I/O-bound: {n:,} items, prepare() waits 100 ms, then one UPDATE; median of {options.runs}")
         print()
         print("| run | items/s | connections at most | peak RSS (MB) |")
@@ -269,6 +304,7 @@ def main() -> None:
         print("|---|---:|")
         for name in db_cases:
             print(f"| {name} | {median([r['items_per_second'] for r in results[name]]):,.0f} |")
+        print(f"| plain SQLAlchemy, an AsyncSession per task, 4 tasks, per 1,000 | {median(plain):,.0f} |")
         for connections, rates in raw.items():
             print(
                 f"| raw asyncpg, executemany per 1,000, {connections} connection(s) | {median(rates):,.0f} |"
