@@ -198,8 +198,8 @@ class ItemSavepoints:
 GROW_AFTER = 4
 GROW_AFTER_MAX = 1024  # clean commits before a probe, after probes that kept failing
 GROW_AFTER_DEADLOCK = 256  # and at least this many after a deadlock
-# How long a chunk of two or more items waits for a lock once its run has
-# seen a deadlock (PostgreSQL's lock_timeout; see ChunkSize.bounded_wait).
+# How long a chunk of two or more items waits for a lock (PostgreSQL's
+# lock_timeout; see ChunkSize.bounded_wait).
 BOUNDED_LOCK_WAIT_MS = 100
 
 
@@ -211,7 +211,6 @@ class Pace:
 
     def __init__(self) -> None:
         self.grow_after = GROW_AFTER
-        self.deadlocked = False  # a chunk of this run has met a deadlock
 
 
 class ChunkSize:
@@ -235,12 +234,15 @@ class ChunkSize:
     (they share ``pace``), waits for twice as many clean commits, up to
     GROW_AFTER_MAX. A probe that holds brings the usual pace back.
 
-    Once a run has met a deadlock, its chunks of two or more items wait for
-    a lock at most BOUNDED_LOCK_WAIT_MS (``bounded_wait``): a probe that
-    would deadlock again gives up in that time, as a conflict, rather than
-    hold its locks, and every transaction queued behind them, for the
-    server's deadlock_timeout. Beside pgbench at read committed each failed
-    probe had stalled the hot rows for that second (BENCHMARKS.md, section 17)."""
+    A chunk of two or more items waits for a lock at most
+    BOUNDED_LOCK_WAIT_MS (``bounded_wait``): one that would wait longer
+    holds its other items' locks meanwhile, and every transaction queued
+    behind them, and on hot rows it is a deadlock in the making, which the
+    server finds only after its deadlock_timeout. It gives up instead, as a
+    conflict, and is retried smaller; a single item waits as long as it
+    must. Bounded only once a run had met a deadlock, the first chunks of
+    every worker still deadlocked beside pgbench, at 0.85x batch 1's items/s
+    (BENCHMARKS.md, section 17)."""
 
     def __init__(self, ceiling: int, *, adapt: bool = True, pace: Pace | None = None) -> None:
         self.ceiling = ceiling
@@ -259,7 +261,7 @@ class ChunkSize:
     def bounded_wait(self) -> bool:
         """Whether a chunk of two or more items waits for a lock at most
         BOUNDED_LOCK_WAIT_MS."""
-        return self.adapt and self.pace.deadlocked
+        return self.adapt
 
     def conflict(self, *, deadlock: bool = False) -> int:
         """A chunk failed on a conflict: the size to go on with."""
@@ -268,7 +270,6 @@ class ChunkSize:
                 self.pace.grow_after = min(GROW_AFTER_MAX, self.pace.grow_after * 2)
             if deadlock:
                 self.pace.grow_after = max(self.pace.grow_after, GROW_AFTER_DEADLOCK)
-                self.pace.deadlocked = True
             self.size = self.threshold = 1 if deadlock else max(1, self.size // 2)
             self._clean = 0
             self._probing = False

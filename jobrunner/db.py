@@ -20,6 +20,7 @@ take part in serialization.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import os
@@ -602,6 +603,28 @@ PSYCOPG2_IDLE, PSYCOPG2_IN_ERROR = 0, 3
 XID_INFO = "jobrunner_xid"  # connection info: the id of the transaction jobrunner began on it
 STREAMED_INFO = "jobrunner_streamed"  # connection info: its transaction opened a server-side cursor
 _cursor_ids = itertools.count(1)
+# Statements for the next BEGIN that jobrunner sends in this thread (or
+# task) to run in the same message: see begin_with.
+_BEGIN_WITH: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "jobrunner_begin_with", default=None
+)
+
+
+def begin_with(session: Session, statement: str) -> None:
+    """Begin ``session``'s transaction with ``statement`` as its first: where
+    jobrunner sends BEGIN itself (:func:`own_transactions`), in BEGIN's own
+    message, with no round trip of its own; elsewhere, or in a transaction
+    begun already, as a statement of its own."""
+    if not session.in_transaction():
+        pending = [statement]
+        token = _BEGIN_WITH.set(pending)
+        try:
+            session.connection()  # BEGIN: do_begin takes the statement if it can
+        finally:
+            _BEGIN_WITH.reset(token)
+        if not pending:
+            return
+    session.execute(text(statement))
 
 
 def own_transactions(engine: Engine, level: str) -> None:
@@ -631,7 +654,6 @@ def own_transactions(engine: Engine, level: str) -> None:
 
     set_level, get_level = dialect.set_isolation_level, dialect.get_isolation_level
     begin = f"BEGIN ISOLATION LEVEL {level}"
-    begin_with_id = f"{begin}; SELECT txid_current()"
     dialect.jobrunner_wants_ids = True  # see transaction_ids
 
     class Connection(psycopg2.extensions.connection):
@@ -662,11 +684,11 @@ def own_transactions(engine: Engine, level: str) -> None:
             found = None
         return found if isinstance(found, dict) else {}
 
-    def send(found: Any, statement: str) -> Any:
+    def send(found: Any, statement: str, *, result: bool = True) -> Any:
         cursor = found.cursor()
         try:
             cursor.execute(statement)
-            return cursor.fetchone()[0] if cursor.description else None
+            return cursor.fetchone()[0] if result and cursor.description else None
         finally:
             cursor.close()
 
@@ -691,10 +713,12 @@ def own_transactions(engine: Engine, level: str) -> None:
     def do_begin(connection: Any) -> None:
         found = raw(connection)
         if begins(found):
+            pending = _BEGIN_WITH.get()
+            first = f"; {pending.pop()}" if pending else ""
             if dialect.jobrunner_wants_ids:
-                info(connection)[XID_INFO] = send(found, begin_with_id)
+                info(connection)[XID_INFO] = send(found, f"{begin}{first}; SELECT txid_current()")
             else:
-                send(found, begin)
+                send(found, f"{begin}{first}", result=False)
 
     def do_commit(connection: Any) -> None:
         notes = info(connection)

@@ -36,6 +36,7 @@ from jobrunner.db import (
     PSYCOPG2_IDLE,
     UNDONE_BY_JOB,
     XID_INFO,
+    begin_with,
     transaction_connection,
     work_lost,
 )
@@ -49,7 +50,7 @@ from jobrunner.stop import Stop
 log = logging.getLogger("jobrunner")
 SLOW_SQLITE_HOLD_S = 0.1
 # SET LOCAL, unless the session's own lock_timeout is shorter already.
-BOUND_LOCK_WAIT = text(
+BOUND_LOCK_WAIT = (
     f"SELECT set_config('lock_timeout', '{attempt.BOUNDED_LOCK_WAIT_MS}ms', true) "
     "WHERE current_setting('lock_timeout') = '0' "
     f"OR current_setting('lock_timeout')::interval > interval '{attempt.BOUNDED_LOCK_WAIT_MS} ms'"
@@ -273,7 +274,7 @@ class Unit:
                 if self.changes is not None:
                     self.changes.start(session)
                 if self.bounded_waits and len(work) > 1 and self.chunk_size().bounded_wait:
-                    session.execute(BOUND_LOCK_WAIT)
+                    begin_with(session, BOUND_LOCK_WAIT)  # in BEGIN's message where it can
                     bounded = session.info[BOUNDED_WAIT] = True
                 todo, unprepared = _split_unprepared(work)
                 failed = (self._process(session, todo) if todo else []) + unprepared

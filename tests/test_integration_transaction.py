@@ -268,6 +268,51 @@ def test_a_postgresql_item_costs_begin_its_statements_and_commit(pg_url, pg_serv
 
 
 @pytest.mark.postgres
+def test_a_chunks_bounded_lock_wait_comes_in_begins_message(pg_url, pg_server_log, tmp_path):
+    """A chunk of two or more items waits for a lock at most 100 ms: the
+    setting goes in the same message as BEGIN, so a chunk costs no round trip
+    more for it, and the job's statements run under it."""
+    if pg_server_log is None:
+        pytest.skip("the server's log is not ours to read")
+    name = make_url(pg_url).database
+    execute(pg_url, f"ALTER DATABASE {name} SET log_statement = 'all'")
+    database = open_db(pg_url, tmp_path)
+    seen = []
+    try:
+        with database.session() as setup:
+            setup.execute(text("CREATE TABLE effects (item INTEGER NOT NULL)"))
+            setup.commit()
+
+        def process(ctx, session, item):
+            seen.append(session.scalar(text("SELECT current_setting('lock_timeout') /* the job's */")))
+            session.execute(text("INSERT INTO effects VALUES (:i) /* the job's */"), {"i": item})
+
+        unit, progress, failures = one_worker(
+            database, process, retries=0, commit_check=TxidCheck(), batch_size=2, bounded_waits=True
+        )
+        with database.session() as session:
+            session.connection()  # the connection's own set-up is not the chunk's
+            session.rollback()
+            log_from = pg_server_log.stat().st_size
+            unit(session, [(1, None), (2, None)])
+        with pg_server_log.open(errors="replace") as log:
+            log.seek(log_from)
+            statements = [line.split("statement: ", 1)[1].strip() for line in log if "statement: " in line]
+    finally:
+        database.dispose()
+    assert failures == [] and effects(pg_url) == [1, 2]
+    assert progress.snapshot()["succeeded"] == 2
+    assert seen == ["100ms", "100ms"]
+    assert statements[0].startswith("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT set_config('lock_timeout'")
+    assert statements[0].endswith("; SELECT txid_current()")
+    assert [s for s in statements[1:] if "/* the job's */" not in s] == [
+        "SAVEPOINT sa_savepoint_1",
+        "RELEASE SAVEPOINT sa_savepoint_1",
+        "COMMIT",
+    ], statements
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("isolation", ["repeatable_read", "read_committed"])
 def test_only_a_workers_transaction_takes_an_id_at_begin(pg_url, tmp_path, isolation):
     """The items reader and jobrunner's own sessions begin without an id, or

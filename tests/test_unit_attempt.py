@@ -254,15 +254,12 @@ def test_a_deadlock_sends_the_chunk_size_to_one_and_the_next_probe_far_off():
     assert commits == attempt.GROW_AFTER_DEADLOCK
 
 
-def test_once_a_run_meets_a_deadlock_its_larger_chunks_wait_for_locks_a_bounded_time():
-    pace = attempt.Pace()
-    first, second = attempt.ChunkSize(8, pace=pace), attempt.ChunkSize(8, pace=pace)
-    assert not first.bounded_wait and not second.bounded_wait  # waits are the server's until then
-    second.conflict()
-    assert not second.bounded_wait, "a serialization failure says nothing of lock order"
-    first.conflict(deadlock=True)
-    assert first.bounded_wait and second.bounded_wait, "the workers share what one learned"
-    assert not attempt.ChunkSize(8, adapt=False, pace=pace).bounded_wait, "fixed chunks keep the server's"
+def test_chunks_that_adapt_wait_for_locks_a_bounded_time_from_the_first_and_fixed_chunks_do_not():
+    size = attempt.ChunkSize(8)
+    assert size.bounded_wait, "from the first chunk: the first wave is where hot rows deadlock"
+    size.conflict(deadlock=True)
+    assert size.bounded_wait
+    assert not attempt.ChunkSize(8, adapt=False).bounded_wait, "fixed chunks keep the server's"
 
 
 def test_running_out_of_jobrunners_own_lock_timeout_is_a_conflict_and_the_jobs_own_is_not():
