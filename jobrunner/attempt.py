@@ -239,10 +239,11 @@ class ChunkSize:
     holds its other items' locks meanwhile, and every transaction queued
     behind them, and on hot rows it is a deadlock in the making, which the
     server finds only after its deadlock_timeout. It gives up instead, as a
-    conflict, and is retried smaller; a single item waits as long as it
-    must. Bounded only once a run had met a deadlock, the first chunks of
-    every worker still deadlocked beside pgbench, at 0.85x batch 1's items/s
-    (BENCHMARKS.md, section 17)."""
+    deadlock would (transaction.Unit), and is retried in single items,
+    which wait as long as they must. Bounded only once a run had met a
+    deadlock, the first chunk of every worker waited as long as the server
+    let it, and beside pgbench -b 100 ran at 0.94x batch 1's items/s, where
+    it now runs at 1.07x (BENCHMARKS.md, section 17)."""
 
     def __init__(self, ceiling: int, *, adapt: bool = True, pace: Pace | None = None) -> None:
         self.ceiling = ceiling
