@@ -1067,22 +1067,6 @@ def measure_batches(b: Bench) -> list[dict]:
     ) + bench_batches("fsync off", b.pg_url, b.batch_runs, b.batch_items, [1, 4, 16])
 
 
-def render_isolation(rows: list[dict], _all: dict) -> str:
-    return (
-        "## 8. The safe isolation default costs\n\n"
-        "The UPDATE job at 4 workers, one item per transaction, on the production-like server, "
-        "at each isolation level, side by side (items/s of processing, median).\n\n"
-        + table(
-            rows,
-            [
-                ("isolation", "isolation", "s"),
-                ("items_per_s", "items/s", ".0f"),
-                ("vs_rc", "x read_committed", ".3f"),
-            ],
-        )
-    )
-
-
 def measure_dry_run(b: Bench) -> list[dict]:
     return [
         bench_dry_run("sqlite", lambda tag: f"sqlite:///{b.work / f'dry-{tag}.db'}", b.batch_runs),
@@ -1090,76 +1074,81 @@ def measure_dry_run(b: Bench) -> list[dict]:
     ]
 
 
-def render_dry_run(rows: list[dict], _all: dict) -> str:
-    return (
-        "## 9. A dry run against a real run\n\n"
-        "The example job (`jobs/update.py`: creates and seeds 2,000 products, then reprices each) on a "
-        "fresh database, whole process, `-w 4`. The dry run is one transaction, one item at a time.\n\n"
-        + table(
-            rows,
-            [
-                ("db", "database", "s"),
-                ("real_s", "real run s", ".2f"),
-                ("dry_s", "dry run s", ".2f"),
-                ("ratio", "dry / real", ".2f"),
-            ],
-        )
-    )
+def tabled(heading: str, intro: str, columns: list[tuple[str, str, str]]) -> Callable[[Any, dict], str]:
+    """The render of a section that is its heading, a paragraph and one table."""
+
+    def render(rows: list[dict], _all: dict) -> str:
+        return f"## {heading}\n\n{intro}\n\n" + table(rows, columns)
+
+    return render
 
 
-def render_sqlite_slow(rows: list[dict], _all: dict) -> str:
-    return (
-        "## 10. SQLite and slow items\n\n"
-        "Each item reads a row, makes a 0.2 s call, and writes the row back: the call inside "
-        "`process()` (holding SQLite's write lock) or in `prepare()` (before the transaction). "
-        "Whole-process seconds.\n\n"
-        + table(
-            rows,
-            [
-                ("where", "slow call in", "s"),
-                ("workers", "workers", "d"),
-                ("items", "items", "d"),
-                ("seconds", "seconds", ".1f"),
-            ],
-        )
-    )
+render_isolation = tabled(
+    "8. The safe isolation default costs",
+    "The UPDATE job at 4 workers, one item per transaction, on the production-like server, "
+    "at each isolation level, side by side (items/s of processing, median).",
+    [
+        ("isolation", "isolation", "s"),
+        ("items_per_s", "items/s", ".0f"),
+        ("vs_rc", "x read_committed", ".3f"),
+    ],
+)
 
 
-def render_restart(rows: list[dict], _all: dict) -> str:
-    return (
-        "## 11. A server restart mid-run\n\n"
-        "20,000 UPDATE items at 4 workers on the production-like server; `pg_ctl restart -m fast` "
-        "2.5 s in. `waited` is the longest wait for the database the run reported.\n\n"
-        + table(
-            rows,
-            [
-                ("lock", "lock", "s"),
-                ("exit", "exit", "d"),
-                ("succeeded", "succeeded", "d"),
-                ("failed", "failed", "d"),
-                ("restart_s", "restart took s", ".2f"),
-                ("waited_s", "run waited s", ".2f"),
-                ("retaken", "lock retaken", ""),
-                ("errors", "why items failed", ""),
-            ],
-        )
-    )
+render_dry_run = tabled(
+    "9. A dry run against a real run",
+    "The example job (`jobs/update.py`: creates and seeds 2,000 products, then reprices each) on a "
+    "fresh database, whole process, `-w 4`. The dry run is one transaction, one item at a time.",
+    [
+        ("db", "database", "s"),
+        ("real_s", "real run s", ".2f"),
+        ("dry_s", "dry run s", ".2f"),
+        ("ratio", "dry / real", ".2f"),
+    ],
+)
 
 
-def render_vacuum_items(rows: list[dict], _all: dict) -> str:
-    return (
-        "## 12. VACUUM and how items() reads\n\n"
-        "A run with the advisory lock reads 100,000 ids; meanwhile another session updates 1,000 "
-        "rows of another table and VACUUMs it (fsync-off server).\n\n"
-        + table(
-            rows,
-            [
-                ("items", "items() reads with", "s"),
-                ("dead_removed", "dead rows removed", "d"),
-                ("dead_not_removable", "dead but not yet removable", "d"),
-            ],
-        )
-    )
+render_sqlite_slow = tabled(
+    "10. SQLite and slow items",
+    "Each item reads a row, makes a 0.2 s call, and writes the row back: the call inside "
+    "`process()` (holding SQLite's write lock) or in `prepare()` (before the transaction). "
+    "Whole-process seconds.",
+    [
+        ("where", "slow call in", "s"),
+        ("workers", "workers", "d"),
+        ("items", "items", "d"),
+        ("seconds", "seconds", ".1f"),
+    ],
+)
+
+
+render_restart = tabled(
+    "11. A server restart mid-run",
+    "20,000 UPDATE items at 4 workers on the production-like server; `pg_ctl restart -m fast` "
+    "2.5 s in. `waited` is the longest wait for the database the run reported.",
+    [
+        ("lock", "lock", "s"),
+        ("exit", "exit", "d"),
+        ("succeeded", "succeeded", "d"),
+        ("failed", "failed", "d"),
+        ("restart_s", "restart took s", ".2f"),
+        ("waited_s", "run waited s", ".2f"),
+        ("retaken", "lock retaken", ""),
+        ("errors", "why items failed", ""),
+    ],
+)
+
+
+render_vacuum_items = tabled(
+    "12. VACUUM and how items() reads",
+    "A run with the advisory lock reads 100,000 ids; meanwhile another session updates 1,000 "
+    "rows of another table and VACUUMs it (fsync-off server).",
+    [
+        ("items", "items() reads with", "s"),
+        ("dead_removed", "dead rows removed", "d"),
+        ("dead_not_removable", "dead but not yet removable", "d"),
+    ],
+)
 
 
 def render_processes(p: dict, results: dict) -> str:
