@@ -198,7 +198,8 @@ def cli() -> None:
     "--fixed-batch-size",
     is_flag=True,
     default=None,
-    help="Keep every batch at --batch-size, even under conflicts.",
+    help="Keep every batch at --batch-size, even under conflicts (and, on PostgreSQL, "
+    "the server's lock waits: an adapting batch waits at most 100 ms for a lock).",
 )
 @click.option(
     "-P",
