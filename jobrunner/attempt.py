@@ -243,7 +243,8 @@ class ChunkSize:
     which wait as long as they must. Bounded only once a run had met a
     deadlock, the first chunk of every worker waited as long as the server
     let it, and beside pgbench -b 100 ran at 0.94x batch 1's items/s, where
-    it now runs at 1.07x (BENCHMARKS.md, section 17)."""
+    it ran at 1.07x with the bound in the same run, and at 0.91x in another
+    (BENCHMARKS.md, section 17)."""
 
     def __init__(self, ceiling: int, *, adapt: bool = True, pace: Pace | None = None) -> None:
         self.ceiling = ceiling
