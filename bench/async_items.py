@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from bad_items import fresh_rows  # noqa: E402
 from pgserver import PostgresServer, find_bindir  # noqa: E402
+from run import vacuum  # noqa: E402
 
 
 class Connections:
@@ -156,14 +157,6 @@ def plain_sqlalchemy(url: str, n: int, batch: int, sessions: int) -> float:
         return n / took
 
     return asyncio.run(go())
-
-
-def vacuum(url: str) -> None:
-    """The dead rows of the contender before go, so that each meets the same table."""
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text("VACUUM bench_rows"))
-    engine.dispose()
 
 
 def median(values: list[float]) -> float:
@@ -280,10 +273,10 @@ def main() -> None:
             for name, (job, args) in {**io_cases, **db_cases}.items():
                 vacuum(url)
                 results[name].append(run(url, job, "--param", f"n={n}", *args))
-            for connections in raw if db_cases else ():
-                vacuum(url)
-                raw[connections].append(raw_asyncpg(url, n, 1000, connections))
             if db_cases:
+                for connections, rates in raw.items():
+                    vacuum(url)
+                    rates.append(raw_asyncpg(url, n, 1000, connections))
                 vacuum(url)
                 plain.append(plain_sqlalchemy(url, n, 1000, 4))
         print(f"I/O-bound: {n:,} items, prepare() waits 100 ms, then one UPDATE; median of {options.runs}")
